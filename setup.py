@@ -1,0 +1,33 @@
+"""tpa_jax: Two Parallel Adapters (TPA) and residual adapters for frozen conformer speech encoders."""
+
+from setuptools import find_packages, setup
+
+# Versions known to work together (jax 0.10 / flax 0.12 / orbax 0.12 era).
+INSTALL_REQUIRES = [
+    'jax==0.10.2',
+    'jaxlib==0.10.2',
+    'flax==0.12.8',
+    'optax==0.2.8',
+    'orbax-checkpoint==0.12.8',
+    'tensorflow-datasets==4.9.10',
+    'tensorflow-cpu==2.21.0',  # needed by TFDS to prepare datasets
+    'grain==0.2.18',
+    'sentencepiece==0.2.3',
+    'ml-collections==1.1.0',
+    'absl-py==2.5.1',
+    'numpy',
+]
+
+EXTRAS_REQUIRE = {
+    'test': ['pytest', 'pytest-xdist'],
+}
+
+setup(
+    name='tpa_jax',
+    version='0.1.0',
+    description=__doc__,
+    packages=find_packages(include=['tpa_jax', 'tpa_jax.*']),
+    python_requires='>=3.10',
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

@@ -1,0 +1,177 @@
+"""The adapter-only sharded train step: frozen stays frozen, sharded == unsharded, it learns."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ctc_batch, tiny_config
+from flax import nnx
+
+from tpa_jax import models, optim, synthetic, train_step
+
+
+def make_trainer(config, mesh, *, frozen_dtype=jnp.bfloat16, learning_rate=3e-3, seed=0,
+                 **optim_kw):
+  model = models.create_model(config, mesh, seed=seed)
+  optimizer, schedule = optim.make_optimizer(learning_rate=learning_rate, warmup_steps=0,
+                                             schedule='constant', **optim_kw)
+  return train_step.create_trainer(model, optimizer, schedule, task=config.head.kind,
+                                   trainable=config.train.trainable, frozen_dtype=frozen_dtype,
+                                   mesh=mesh)
+
+
+def host(tree):
+  return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def paths(tree):
+  return {tuple(str(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def run_steps(trainer, n, seed=0):
+  metrics = []
+  for i in range(n):
+    m = trainer.step(ctc_batch(tiny_config(), seed=seed + i))
+    metrics.append(jax.tree.map(float, jax.block_until_ready(m)))
+  return metrics
+
+
+@pytest.mark.parametrize('method,blocks', [('tpa', 'all'), ('block_sequential', '2:4')])
+def test_frozen_weights_bit_identical_and_every_adapter_weight_changes(method, blocks, mesh22):
+  trainer = make_trainer(tiny_config(method, **{'adapter.blocks': blocks}), mesh22)
+  frozen_before, trainable_before = host(trainer.frozen), host(trainer.state.trainable)
+  metrics = run_steps(trainer, 5)
+  assert all(m['applied'] == 1.0 for m in metrics)
+  frozen_after = host(trainer.frozen)
+  assert jax.tree.structure(frozen_after) == jax.tree.structure(frozen_before)
+  for (path, a), b in zip(paths(frozen_before).items(), jax.tree.leaves(frozen_after)):
+    np.testing.assert_array_equal(a, b, err_msg=f'frozen weight {path} changed')
+  assert any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(frozen_after))
+  for (path, a), b in zip(paths(trainable_before).items(),
+                          jax.tree.leaves(host(trainer.state.trainable))):
+    # Per stacked layer: every adapter of every block moved, not just some slice of the stack.
+    changed = (a != b).reshape(a.shape[0], -1).any(-1) if 'adapters' in str(path) else (a != b).any()
+    assert np.all(changed), f'trainable weight {path} did not change'
+  assert int(trainer.state.step) == 5
+
+
+def test_optimizer_state_has_no_leaf_for_a_frozen_weight(mesh22):
+  trainer = make_trainer(tiny_config('tpa'), mesh22)
+  trainable_paths = set(paths(trainer.state.trainable))
+  frozen_paths = set(paths(trainer.frozen))
+  n_moments = 0
+  for path, leaf in paths(trainer.state.opt_state).items():
+    if leaf.ndim == 0:
+      continue  # step counts
+    owners = [p for p in trainable_paths | frozen_paths if path[-len(p):] == p]
+    assert owners and all(p in trainable_paths for p in owners), path
+    n_moments += 1
+  assert n_moments == 2 * len(trainable_paths)  # Adam's mu and nu, for trainable weights only
+  trainable_size = sum(x.size for x in jax.tree.leaves(trainer.state.trainable))
+  opt_size = sum(x.size for x in jax.tree.leaves(trainer.state.opt_state))
+  assert opt_size < 2 * trainable_size + 16
+  frozen_size = sum(x.size for x in jax.tree.leaves(trainer.frozen))
+  assert frozen_size > 0
+
+
+@pytest.mark.parametrize('method', ['tpa', 'full'])
+def test_sharded_step_equals_unsharded(method, mesh1, mesh22):
+  config = tiny_config(method)
+  # Adam's first update is lr·g/(|g| + eps): with a tiny eps it turns rounding noise in gradients
+  # that are zero in exact arithmetic (e.g. attention key biases) into full ±lr steps. An eps
+  # above that noise keeps the updates a faithful image of the gradients being compared.
+  single = make_trainer(config, mesh1, frozen_dtype=None, eps=1e-4)
+  sharded = make_trainer(config, mesh22, frozen_dtype=None, eps=1e-4)
+  assert sharded.state.trainable != {} and len(sharded.mesh.devices.flat) == 4
+  before = host(single.state.trainable)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(host(sharded.state.trainable))):
+    np.testing.assert_array_equal(a, b)  # same init whatever the mesh
+  batch = ctc_batch(config)
+  m1 = jax.tree.map(float, jax.block_until_ready(single.step(batch)))
+  m2 = jax.tree.map(float, jax.block_until_ready(sharded.step(batch)))
+  for key in ('loss', 'grad_norm'):
+    assert abs(m1[key] - m2[key]) <= 1e-5 * abs(m1[key]), (key, m1[key], m2[key])
+  # Relative difference of the whole update (a weight whose exact gradient is 0, such as an
+  # attention key bias, has only rounding noise to compare, so per-leaf ratios are meaningless).
+  diffs, norms = {}, []
+  for (path, b), u1, u2 in zip(paths(before).items(), jax.tree.leaves(host(single.state.trainable)),
+                               jax.tree.leaves(host(sharded.state.trainable))):
+    d1, d2 = (u1 - b).astype(np.float64), (u2 - b).astype(np.float64)
+    diffs[path] = np.sum((d1 - d2) ** 2)
+    norms.append(np.sum(d1 ** 2))
+  rel = np.sqrt(sum(diffs.values()) / sum(norms))
+  worst = max(diffs, key=diffs.get)
+  assert rel <= 1e-5, f'relative difference of updates {rel:.2e}, mostly in {worst}'
+  moved = {p for p, n in zip(diffs, norms) if n > 0}
+  assert any('head' in str(p) for p in moved) and len(moved) >= 4, moved
+  # The updated states also agree on the next batch's loss.
+  batch = ctc_batch(config, seed=1)
+  l1, l2 = (float(t.step(batch)['loss']) for t in (single, sharded))
+  assert abs(l1 - l2) <= 1e-5 * abs(l1)
+
+
+@pytest.mark.parametrize('method', ['tpa', 'full'])
+def test_loss_decreases_on_a_learnable_problem(method, mesh1):
+  # Five tokens, each a 16-bin band: learnable from a random frozen base in a few dozen steps.
+  config = tiny_config(method, **{'head.vocab_size': 6})
+  trainer = make_trainer(config, mesh1, learning_rate=1e-2 if method == 'tpa' else 3e-3)
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(40):
+    batch = synthetic.ctc_batch(rng, batch_size=8, num_frames=64, input_dim=80,
+                                vocab_size=config.head.vocab_size, num_labels=6)
+    losses.append(float(jax.block_until_ready(trainer.step(batch))['loss']))
+  first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+  # Well below what blank/unigram priors alone reach (about 60% of the initial loss here).
+  assert last < 0.3 * first, (method, first, last)
+
+
+def test_classification_loss_decreases(mesh1):
+  config = tiny_config('tpa', **{'head.kind': 'classification', 'head.num_classes': 4})
+  trainer = make_trainer(config, mesh1)
+  rng = np.random.default_rng(0)
+  losses, accs = [], []
+  for _ in range(30):
+    batch = synthetic.classification_batch(rng, batch_size=8, num_frames=48, input_dim=80,
+                                           num_classes=4)
+    m = jax.tree.map(float, trainer.step(batch))
+    losses.append(m['loss'])
+    accs.append(m['accuracy'])
+  assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
+  assert np.mean(accs[-3:]) > 0.9
+
+
+def test_non_finite_step_is_not_applied(mesh1):
+  trainer = make_trainer(tiny_config('tpa'), mesh1)
+  before = host(trainer.state.trainable)
+  batch = ctc_batch(tiny_config())
+  batch['features'][0, 0, 0] = np.nan
+  metrics = jax.tree.map(float, trainer.step(batch))
+  assert metrics['applied'] == 0.0 and not np.isfinite(metrics['loss'])
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(host(trainer.state.trainable))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bad_training_setups_are_named(mesh1, mesh22):
+  with pytest.raises(ValueError, match="train.trainable='adapters' but the model has no adapters"):
+    make_trainer(tiny_config('tpa', **{'adapter.placement': 'none'}), mesh1)
+  with pytest.raises(ValueError, match=r"train.trainable='lora'.*'adapters', 'head', 'full'"):
+    make_trainer(tiny_config('tpa', **{'train.trainable': 'lora'}), mesh1)
+  trainer = make_trainer(tiny_config('tpa'), mesh22)
+  with pytest.raises(ValueError, match='batch size 3 is not divisible by .* data x fsdp = 4'):
+    trainer.step(ctc_batch(tiny_config(), batch_size=3))
+
+
+def test_gradients_never_enter_the_frozen_segment(mesh1):
+  """With adapters from block 2 up, the differentiated program holds no work for blocks 0-1:
+  fewer FLOPs than adapters everywhere, by about the backward pass of two blocks."""
+  def flops(blocks):
+    config = tiny_config('tpa', **{'adapter.blocks': blocks, 'model.scan_layers': False})
+    trainer = make_trainer(config, mesh1)
+    return trainer.frozen_depth, trainer.lower(ctc_batch(config)).cost_analysis()['flops']
+  (depth_all, all_blocks), (depth_upper, upper) = flops('all'), flops('2:4')
+  assert (depth_all, depth_upper) == (0, 2)
+  # Adapters everywhere: ~3 units of work per block (forward + activation backward + adapters);
+  # upper half: blocks 0-1 forward only.
+  assert upper < 0.8 * all_blocks

@@ -1,0 +1,208 @@
+"""Default configuration, model presets and adaptation methods, as ml_collections ConfigDicts.
+
+Config files in `configs/` compose these: `configs/adapt.py:model=tiny,method=tpa,blocks=2:4`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Model shapes by name. `tiny` is for tests, `demo` for `make demo`, `bench` for the step-cost
+# benchmark (8 blocks x 256).
+MODEL_PRESETS = {
+    'tiny': dict(dim=32, num_blocks=4, num_heads=2, ffn_dim=64, conv_kernel_size=5,
+                 left_max_position=8, right_max_position=2, frontend=dict(channels=8)),
+    'demo': dict(dim=144, num_blocks=8, num_heads=4, ffn_dim=576, conv_kernel_size=15,
+                 frontend=dict(channels=64)),
+    'bench': dict(dim=256, num_blocks=8, num_heads=4, ffn_dim=1024, conv_kernel_size=15,
+                  frontend=dict(channels=64)),
+}
+
+# Adaptation methods: which placement carries adapters and which variables train.
+METHODS = {
+    'full': dict(placement='none', trainable='full'),
+    'head': dict(placement='none', trainable='head'),
+    'tpa': dict(placement='ff_parallel', trainable='adapters'),
+    'ff_parallel': dict(placement='ff_parallel', trainable='adapters'),
+    'ff_sequential': dict(placement='ff_sequential', trainable='adapters'),
+    'block_parallel': dict(placement='block_parallel', trainable='adapters'),
+    'block_sequential': dict(placement='block_sequential', trainable='adapters'),
+    'mhsa_parallel': dict(placement='mhsa_parallel', trainable='adapters'),
+    'conv_parallel': dict(placement='conv_parallel', trainable='adapters'),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field with its default; presets and command-line overrides change these."""
+  c = ml_collections.ConfigDict()
+  # Seed for weight init and data order.
+  c.seed = 0
+
+  c.model = m = ml_collections.ConfigDict()
+  m.frontend = f = ml_collections.ConfigDict()
+  # 'conv2d': 2-D conv subsampling x4 over log-mels; 'stacked': stack frames -> LN -> Linear.
+  f.kind = 'conv2d'
+  # Feature channels per input frame (mel bins).
+  f.input_dim = 80
+  # conv2d: output channels of each convolution.
+  f.channels = 64
+  # conv2d: number of stride-`stride` convolutions (2 x stride 2 = x4 subsampling).
+  f.num_layers = 2
+  # conv2d: square kernel size of each convolution.
+  f.kernel_size = 3
+  # conv2d: stride in time and frequency.
+  f.stride = 2
+  # stacked: consecutive frames concatenated into one (2 x 80 -> 160).
+  f.stack = 2
+  # Model (residual stream) dimension.
+  m.dim = 256
+  # Number of conformer blocks.
+  m.num_blocks = 8
+  # Attention heads; dim must be divisible by it.
+  m.num_heads = 4
+  # Hidden size of each macaron feed-forward module.
+  m.ffn_dim = 1024
+  # Depthwise convolution kernel size of the conv module.
+  m.conv_kernel_size = 15
+  # Causal (left-only) depthwise convolution instead of a symmetric one.
+  m.conv_causal = False
+  # Norm after the depthwise convolution: 'layer' or 'batch' (frozen statistics).
+  m.conv_norm = 'layer'
+  # Attention positions: 'relative_key' (Shaw), 'rel_pos' (Transformer-XL) or 'none'.
+  m.position = 'relative_key'
+  # relative_key: distances are clipped to [-left, right].
+  m.left_max_position = 64
+  m.right_max_position = 8
+  # Biases in the FFN, attention and conv module projections.
+  m.ffn_bias = True
+  m.attention_bias = True
+  m.conv_bias = True
+  # LayerNorm epsilon.
+  m.norm_eps = 1e-5
+  # An encoder-level LayerNorm after the last block.
+  m.final_norm = False
+  # Compute dtype ('float32' on CPU tests, 'bfloat16' on TPU); losses and softmax stay float32.
+  m.dtype = 'float32'
+  # Dtype weights are created in (trainable state is always float32).
+  m.param_dtype = 'float32'
+  # lax.scan over blocks (False: an unrolled Python loop over the same stacked weights).
+  m.scan_layers = True
+  # Rematerialisation of each block: 'none', 'full', 'dots', 'dots_no_batch'.
+  m.remat_policy = 'none'
+
+  c.adapter = a = ml_collections.ConfigDict()
+  # Where adapters sit: 'ff_parallel' (TPA), 'ff_sequential', 'block_parallel',
+  # 'block_sequential', 'mhsa_parallel', 'conv_parallel', or 'none'.
+  a.placement = 'ff_parallel'
+  # Blocks that carry adapters: 'all', a slice such as '4:8', or indices such as '0,3,5'.
+  a.blocks = 'all'
+  # Bottleneck dimension r of each adapter.
+  a.bottleneck = 64
+  # Weight of the adapter output in its residual.
+  a.residual_weight = 1.0
+  # LayerNorm at the adapter input.
+  a.use_norm = True
+  # Bottleneck activation: 'relu', 'gelu' or 'swish'.
+  a.activation = 'relu'
+  # Init of the up projection: 'zeros' (the adapted model equals the base at step 0) or 'normal'.
+  a.up_init = 'zeros'
+
+  c.head = h = ml_collections.ConfigDict()
+  # 'ctc' (per-frame logits, blank id 0) or 'classification' (pooled utterance logits).
+  h.kind = 'ctc'
+  # CTC: vocabulary size including the blank.
+  h.vocab_size = 64
+  # classification: number of classes.
+  h.num_classes = 4
+
+  c.train = t = ml_collections.ConfigDict()
+  # What trains: 'adapters' (adapters + head), 'head', or 'full'.
+  t.trainable = 'adapters'
+  # Storage dtype of frozen weights: 'bfloat16' or 'float32'.
+  t.frozen_dtype = 'bfloat16'
+  # Number of optimizer steps.
+  t.num_steps = 100
+  # Global batch size (utterances per step).
+  t.batch_size = 8
+  # Log metrics every this many steps.
+  t.log_every_steps = 10
+
+  c.optim = o = ml_collections.ConfigDict()
+  # Peak learning rate.
+  o.learning_rate = 1e-3
+  # 'cosine' (warmup then cosine to end_ratio), 'rsqrt' or 'constant'.
+  o.schedule = 'cosine'
+  # Linear warmup steps.
+  o.warmup_steps = 10
+  # Final learning rate of the cosine schedule as a fraction of the peak.
+  o.end_ratio = 0.0
+  # AdamW moments, epsilon and decoupled weight decay (kernels only).
+  o.b1 = 0.9
+  o.b2 = 0.98
+  o.eps = 1e-8
+  o.weight_decay = 0.0
+  # Global-norm gradient clipping (0 disables).
+  o.clip_norm = 1.0
+
+  c.mesh = ms = ml_collections.ConfigDict()
+  # Mesh axis sizes; one may be -1 to take the remaining devices.
+  ms.data = -1
+  ms.fsdp = 1
+  ms.tensor = 1
+
+  c.data = d = ml_collections.ConfigDict()
+  # 'random': random features and labels (until the speech corpus lands).
+  d.name = 'random'
+  # random: feature frames per utterance.
+  d.num_frames = 128
+  # random: label tokens per utterance.
+  d.num_labels = 8
+  return c
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """'model=tiny,method=tpa' -> {'model': 'tiny', 'method': 'tpa'}."""
+  out = {}
+  for part in filter(None, (arg or '').split(',')):
+    if '=' not in part:
+      raise ValueError(f'config argument {part!r} is not key=value (in {arg!r})')
+    key, value = part.split('=', 1)
+    out[key.strip()] = value.strip()
+  return out
+
+
+def adapt_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Base config with a model preset, a method, and adapter overrides from `arg`.
+
+  Keys: model (a preset), method, blocks, bottleneck.
+  """
+  args = parse_arg(arg)
+  known = ('model', 'method', 'blocks', 'bottleneck')
+  unknown = sorted(set(args) - set(known))
+  if unknown:
+    raise ValueError(f'unknown config argument(s) {unknown}; accepted: {known}')
+  c = base_config()
+  model = args.get('model', 'tiny')
+  if model not in MODEL_PRESETS:
+    raise ValueError(f'model={model!r}: accepted presets are {tuple(MODEL_PRESETS)}')
+  c.model.update_from_flattened_dict(_flatten(MODEL_PRESETS[model]))
+  method = args.get('method', 'tpa')
+  if method not in METHODS:
+    raise ValueError(f'method={method!r}: accepted methods are {tuple(METHODS)}')
+  c.adapter.placement = METHODS[method]['placement']
+  c.train.trainable = METHODS[method]['trainable']
+  if 'blocks' in args:
+    c.adapter.blocks = args['blocks']
+  if 'bottleneck' in args:
+    c.adapter.bottleneck = int(args['bottleneck'])
+  return c
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out

@@ -1,0 +1,40 @@
+"""Task losses in float32: CTC for speech recognition, cross-entropy for utterance classification."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+TASKS = ('ctc', 'classification')
+
+
+def ctc_loss(logits_btv: jax.Array, mask_bt: jax.Array, labels_bu: jax.Array,
+             label_mask_bu: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """CTC loss per label token over the batch (blank id 0); utterances without labels count 0."""
+  per_seq = optax.ctc_loss(logits_btv.astype(jnp.float32), 1.0 - mask_bt.astype(jnp.float32),
+                           labels_bu, 1.0 - label_mask_bu.astype(jnp.float32), blank_id=0)
+  n_labels_b = label_mask_bu.astype(jnp.float32).sum(-1)
+  has_labels = n_labels_b > 0
+  total = jnp.where(has_labels, per_seq, 0.0).sum()
+  tokens = n_labels_b.sum()
+  return total / jnp.maximum(tokens, 1.0), {'tokens': tokens}
+
+
+def classification_loss(logits_bc: jax.Array,
+                        labels_b: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean cross-entropy over utterances, with accuracy."""
+  logits_bc = logits_bc.astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits_bc, labels_b).mean()
+  accuracy = (logits_bc.argmax(-1) == labels_b).astype(jnp.float32).mean()
+  return loss, {'accuracy': accuracy}
+
+
+def task_loss(task: str, logits: jax.Array, mask_bt: jax.Array,
+              batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The loss of `task` for a batch with `labels` (+ `label_mask` for CTC)."""
+  if task == 'ctc':
+    return ctc_loss(logits, mask_bt, batch['labels'], batch['label_mask'])
+  if task == 'classification':
+    return classification_loss(logits, batch['labels'])
+  raise ValueError(f'head.kind={task!r}: accepted values are {TASKS}')

@@ -1,0 +1,95 @@
+"""Config -> modules, in one place. Layers take the few numbers they need; this reads the config."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from tpa_jax import sharding
+from tpa_jax.nn import adapters as adapters_lib
+from tpa_jax.nn.conformer import ConformerBlock, ConformerEncoder
+from tpa_jax.nn.frontend import FRONTENDS, Conv2dSubsampling, StackedFrames
+from tpa_jax.nn.heads import ClassificationHead, CTCHead
+from tpa_jax.nn.layers import LayerNorm
+from tpa_jax.nn.model import SpeechModel
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+HEADS = ('ctc', 'classification')
+
+
+def dtype(name: str, field: str):
+  if name not in DTYPES:
+    raise ValueError(f'{field}={name!r}: accepted values are {tuple(DTYPES)}')
+  return DTYPES[name]
+
+
+def adapter_blocks(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The blocks that carry adapters (empty when adapter.placement is 'none')."""
+  if config.adapter.placement == 'none':
+    return ()
+  adapters_lib.check_placement(config.adapter.placement)
+  return adapters_lib.parse_blocks(config.adapter.blocks, config.model.num_blocks)
+
+
+def build_model(config: ml_collections.ConfigDict, *, seed: int) -> SpeechModel:
+  """The SpeechModel described by `config.model`, `config.adapter` and `config.head`.
+
+  Base, adapters and head draw from separate random streams, so for one seed the base and head
+  weights are the same whatever the adapter configuration.
+  """
+  m, a, h = config.model, config.adapter, config.head
+  key = jax.random.key(seed)
+  rngs = nnx.Rngs(params=key)
+  adapter_rngs = nnx.Rngs(params=jax.random.fold_in(key, 1))
+  head_rngs = nnx.Rngs(params=jax.random.fold_in(key, 2))
+  kw = dict(dtype=dtype(m.dtype, 'model.dtype'),
+            param_dtype=dtype(m.param_dtype, 'model.param_dtype'))
+  f = m.frontend
+  if f.kind == 'conv2d':
+    frontend = Conv2dSubsampling(f.input_dim, m.dim, channels=f.channels, num_layers=f.num_layers,
+                                 kernel_size=f.kernel_size, stride=f.stride, rngs=rngs, **kw)
+  elif f.kind == 'stacked':
+    frontend = StackedFrames(f.input_dim, m.dim, stack=f.stack, eps=m.norm_eps, rngs=rngs, **kw)
+  else:
+    raise ValueError(f'model.frontend.kind={f.kind!r}: accepted values are {FRONTENDS}')
+
+  make_block = functools.partial(
+      ConformerBlock, m.dim, m.num_heads, m.ffn_dim, m.conv_kernel_size, position=m.position,
+      left_max_position=m.left_max_position, right_max_position=m.right_max_position,
+      conv_causal=m.conv_causal, conv_norm=m.conv_norm, ffn_bias=m.ffn_bias,
+      attention_bias=m.attention_bias, conv_bias=m.conv_bias, eps=m.norm_eps, **kw)
+  blocks = adapter_blocks(config)
+  make_adapters = None
+  if blocks:
+    # Adapter weights are created in float32 whatever the base's parameter dtype.
+    make_adapters = functools.partial(
+        adapters_lib.BlockAdapters, a.placement, m.dim, a.bottleneck,
+        residual_weight=a.residual_weight, use_norm=a.use_norm, activation=a.activation,
+        up_init=a.up_init, eps=m.norm_eps, dtype=kw['dtype'], param_dtype=jnp.float32)
+  encoder = ConformerEncoder(
+      frontend, lambda r: make_block(rngs=r), m.num_blocks,
+      final_norm=LayerNorm(m.dim, eps=m.norm_eps, rngs=rngs, **kw) if m.final_norm else None,
+      make_adapters=(lambda r: make_adapters(rngs=r)) if make_adapters else None,
+      adapter_blocks=blocks, scan_layers=m.scan_layers, remat_policy=m.remat_policy, rngs=rngs,
+      adapter_rngs=adapter_rngs)
+
+  head_kw = dict(dtype=kw['dtype'], param_dtype=jnp.float32, rngs=head_rngs)
+  if h.kind == 'ctc':
+    head = CTCHead(m.dim, h.vocab_size, **head_kw)
+  elif h.kind == 'classification':
+    head = ClassificationHead(m.dim, h.num_classes, **head_kw)
+  else:
+    raise ValueError(f'head.kind={h.kind!r}: accepted values are {HEADS}')
+  return SpeechModel(encoder, head)
+
+
+def create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 seed: int | None = None) -> SpeechModel:
+  """Builds the model with each weight created directly in its shard on `mesh`."""
+  seed = config.seed if seed is None else seed
+  adapter_blocks(config)  # validate the adapter config before tracing anything
+  return sharding.create_sharded(lambda: build_model(config, seed=seed), mesh)

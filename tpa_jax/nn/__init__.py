@@ -1,0 +1,1 @@
+"""Flax NNX modules: conformer layers, adapters and task heads."""

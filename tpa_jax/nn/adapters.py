@@ -1,0 +1,121 @@
+"""Residual adapters, their placements in a conformer block, and block selections.
+
+A residual adapter is A(x) = W_up · relu(W_down · LN(x) + b_down) + b_up with W_up, b_up zero at
+init, so an adapted model equals its frozen base exactly at step 0.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tpa_jax.nn.layers import Dense, LayerNorm
+from tpa_jax.nn.params import AdapterParam
+
+# placement -> the adapter slots one block carries. `ff_parallel` on both FFNs is TPA.
+PLACEMENTS: dict[str, tuple[str, ...]] = {
+    'ff_parallel': ('ffn1', 'ffn2'),
+    'ff_sequential': ('ffn1', 'ffn2'),
+    'block_parallel': ('block',),
+    'block_sequential': ('block',),
+    'mhsa_parallel': ('mhsa',),
+    'conv_parallel': ('conv',),
+}
+ACTIVATIONS = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 'swish': jax.nn.silu}
+UP_INITS = ('zeros', 'normal')
+
+
+def check_placement(placement: str) -> str:
+  if placement not in PLACEMENTS:
+    raise ValueError(f'adapter.placement={placement!r}: accepted values are {tuple(PLACEMENTS)}')
+  return placement
+
+
+def parse_blocks(blocks: str | int | Sequence[int], num_blocks: int) -> tuple[int, ...]:
+  """Resolves a block selection to sorted block indices.
+
+  Accepts 'all', a Python slice string ('12:24', ':8', '-4:', '0:24:2'), indices as a string
+  ('5', '0,3,5', '[0, 3]') or a list of ints (negative ones count from the top). Anything outside [0, num_blocks) is an error.
+  """
+  accepted = (f"accepted: 'all', a slice such as '{num_blocks // 2}:{num_blocks}', or a list of "
+              f'indices in [0, {num_blocks})')
+  if isinstance(blocks, str):
+    text = blocks.strip()
+    if text == 'all':
+      return tuple(range(num_blocks))
+    if re.fullmatch(r'\[?\s*-?\d+(\s*,\s*-?\d+)*\s*,?\s*\]?', text):
+      blocks = [int(p) for p in text.strip('[]').split(',') if p.strip()]
+    elif re.fullmatch(r'(-?\d*):(-?\d*)(:(-?\d+))?', text):
+      parts = [int(p) if p else None for p in text.split(':')]
+      start, stop = parts[0], parts[1]
+      step = parts[2] if len(parts) > 2 else None
+      for bound in (start, stop):
+        if bound is not None and not -num_blocks <= bound <= num_blocks:
+          raise ValueError(f'adapter.blocks={blocks!r} lies outside a model of {num_blocks} '
+                           f'blocks; {accepted}')
+      if step is not None and step <= 0:
+        raise ValueError(f'adapter.blocks={blocks!r}: the slice step must be positive')
+      indices = tuple(range(num_blocks))[slice(start, stop, step)]
+      if not indices:
+        raise ValueError(f'adapter.blocks={blocks!r} selects no block of {num_blocks}; {accepted}')
+      return indices
+    else:
+      raise ValueError(f'adapter.blocks={blocks!r} is not a block selection; {accepted}')
+  if isinstance(blocks, int):
+    blocks = [blocks]
+  indices = []
+  for b in blocks:
+    if isinstance(b, bool) or not isinstance(b, int) or not -num_blocks <= b < num_blocks:
+      raise ValueError(f'adapter.blocks={list(blocks)!r}: {b!r} is not a block of a model with '
+                       f'{num_blocks} blocks; {accepted}')
+    indices.append(b % num_blocks)
+  if not indices:
+    raise ValueError(f'adapter.blocks=[] selects no block; {accepted}')
+  if len(set(indices)) != len(indices):
+    raise ValueError(f'adapter.blocks={list(blocks)!r} names a block twice')
+  return tuple(sorted(indices))
+
+
+class ResidualAdapter(nnx.Module):
+  """LayerNorm -> down (dim -> bottleneck) -> activation -> up (bottleneck -> dim)."""
+
+  def __init__(self, dim: int, bottleneck: int, *, use_norm: bool = True,
+               activation: str = 'relu', up_init: str = 'zeros', eps: float = 1e-5,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if not isinstance(bottleneck, int) or bottleneck <= 0:
+      raise ValueError(f'adapter.bottleneck={bottleneck!r}: must be a positive integer')
+    if activation not in ACTIVATIONS:
+      raise ValueError(f'adapter.activation={activation!r}: accepted values are '
+                       f'{tuple(ACTIVATIONS)}')
+    if up_init not in UP_INITS:
+      raise ValueError(f'adapter.up_init={up_init!r}: accepted values are {UP_INITS}')
+    kw = dict(dtype=dtype, param_dtype=param_dtype, param_type=AdapterParam, rngs=rngs)
+    self.activation = activation
+    self.norm = LayerNorm(dim, eps=eps, **kw) if use_norm else None
+    self.down = Dense(dim, bottleneck, axes=('embed', 'adapter'), **kw)
+    up_kernel_init = (nnx.initializers.zeros_init() if up_init == 'zeros'
+                      else nnx.initializers.normal(1e-3))
+    self.up = Dense(bottleneck, dim, axes=('adapter', 'embed'), kernel_init=up_kernel_init, **kw)
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    h = self.norm(x_btd) if self.norm is not None else x_btd
+    return self.up(ACTIVATIONS[self.activation](self.down(h)))
+
+
+class BlockAdapters(nnx.Module):
+  """The adapters of one conformer block for one placement, with the residual weight they use."""
+
+  def __init__(self, placement: str, dim: int, bottleneck: int, *, residual_weight: float = 1.0,
+               rngs: nnx.Rngs, **adapter_kw):
+    self.placement = check_placement(placement)
+    self.residual_weight = residual_weight
+    self.slots = nnx.Dict({slot: ResidualAdapter(dim, bottleneck, rngs=rngs, **adapter_kw)
+                           for slot in PLACEMENTS[placement]})
+
+  def __call__(self, slot: str, x_btd: jax.Array) -> jax.Array:
+    """The weighted adapter output for `slot`, to be added to a residual stream."""
+    return self.residual_weight * self.slots[slot](x_btd)

@@ -1,0 +1,104 @@
+"""Multi-head self-attention with Shaw relative keys, Transformer-XL relative positions, or none."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tpa_jax import sharding
+from tpa_jax.nn.layers import Dense, LayerNorm
+
+POSITION_SCHEMES = ('relative_key', 'rel_pos', 'none')
+_MASKED = -1e30  # scores are float32, so this stays finite and exp() underflows to exactly 0
+
+
+def sinusoid_table(positions: jax.Array, dim: int) -> jax.Array:
+  """Sinusoidal embeddings [len(positions), dim]: sin on even channels, cos on odd ones."""
+  inv_freq = 1.0 / (10000.0 ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  table = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return table.reshape(positions.shape[0], -1)[:, :dim]
+
+
+class SelfAttention(nnx.Module):
+  """Pre-norm multi-head self-attention over padded sequences (the conformer MHSA module).
+
+  position='relative_key': scores = (q·k + q·E[clip(j-i, -left, right)]) / sqrt(d_head), one table E
+    shared by all heads (Shaw et al. 2018, as in w2v-BERT 2.0).
+  position='rel_pos': Transformer-XL scores ((q+u)·k + (q+v)·W_p·p(i-j)) / sqrt(d_head) with
+    sinusoidal relative positions (as in ESPnet and NeMo conformers).
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, position: str = 'relative_key',
+               left_max_position: int = 64, right_max_position: int = 8, use_bias: bool = True,
+               eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if position not in POSITION_SCHEMES:
+      raise ValueError(f'model.position={position!r}: accepted values are {POSITION_SCHEMES}')
+    if dim % num_heads:
+      raise ValueError(f'model.dim={dim} is not divisible by model.num_heads={num_heads}')
+    head_dim = dim // num_heads
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.position, self.dtype, self.head_dim = position, dtype, head_dim
+    self.left_max, self.right_max = left_max_position, right_max_position
+    self.norm = LayerNorm(dim, eps=eps, **kw)
+    qkv_axes = ('embed', 'heads', 'kv')
+    self.query = Dense(dim, (num_heads, head_dim), axes=qkv_axes, use_bias=use_bias, **kw)
+    self.key = Dense(dim, (num_heads, head_dim), axes=qkv_axes, use_bias=use_bias, **kw)
+    self.value = Dense(dim, (num_heads, head_dim), axes=qkv_axes, use_bias=use_bias, **kw)
+    self.out = Dense((num_heads, head_dim), dim, axes=('heads', 'kv', 'embed'), use_bias=use_bias,
+                     **kw)
+    if position == 'relative_key':
+      num = left_max_position + right_max_position + 1
+      self.distance_table = nnx.Param(
+          nnx.initializers.normal(1.0)(rngs.params(), (num, head_dim), param_dtype),
+          out_sharding=(None, 'kv'))
+    elif position == 'rel_pos':
+      self.pos_proj = Dense(dim, (num_heads, head_dim), axes=qkv_axes, use_bias=False, **kw)
+      bias_init = nnx.initializers.zeros_init()
+      self.pos_bias_u = nnx.Param(bias_init(rngs.params(), (num_heads, head_dim), param_dtype),
+                                  out_sharding=('heads', 'kv'))
+      self.pos_bias_v = nnx.Param(bias_init(rngs.params(), (num_heads, head_dim), param_dtype),
+                                  out_sharding=('heads', 'kv'))
+
+  def _position_scores(self, q_bthk: jax.Array, t: int) -> jax.Array | None:
+    """The positional term of the scores, [B, H, T, T], before the 1/sqrt(d_head) scaling."""
+    i = jnp.arange(t)[:, None]
+    j = jnp.arange(t)[None, :]
+    if self.position == 'relative_key':
+      table_rk = self.distance_table[...].astype(self.dtype)
+      qe_bhtr = jnp.einsum('bthk,rk->bhtr', q_bthk, table_rk)
+      index_tt = jnp.clip(j - i, -self.left_max, self.right_max) + self.left_max
+    elif self.position == 'rel_pos':
+      # Relative distances i - j from t-1 down to -(t-1); entry p holds distance (t-1) - p.
+      positions = jnp.arange(t - 1, -t, -1)
+      pos_pd = sinusoid_table(positions, self.query.in_shape[0]).astype(self.dtype)
+      pos_phk = self.pos_proj(pos_pd)
+      q_v = q_bthk + self.pos_bias_v[...].astype(self.dtype)
+      qe_bhtr = jnp.einsum('bthk,phk->bhtp', q_v, pos_phk)
+      index_tt = (t - 1) - i + j
+    else:
+      return None
+    index = jnp.broadcast_to(index_tt, qe_bhtr.shape[:2] + index_tt.shape)
+    return jnp.take_along_axis(qe_bhtr, index, axis=-1)
+
+  def __call__(self, x_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    h_btd = self.norm(x_btd)
+    q_bthk, k_bthk, v_bthk = self.query(h_btd), self.key(h_btd), self.value(h_btd)
+    q_bthk, k_bthk, v_bthk = (sharding.constrain(a, ('batch', 'time', 'heads', 'kv'))
+                              for a in (q_bthk, k_bthk, v_bthk))
+    q_content = q_bthk
+    if self.position == 'rel_pos':
+      q_content = q_bthk + self.pos_bias_u[...].astype(self.dtype)
+    scores_bhts = jnp.einsum('bthk,bshk->bhts', q_content, k_bthk).astype(jnp.float32)
+    pos_bhts = self._position_scores(q_bthk, x_btd.shape[1])
+    if pos_bhts is not None:
+      scores_bhts = scores_bhts + pos_bhts.astype(jnp.float32)
+    scores_bhts = scores_bhts / math.sqrt(self.head_dim)
+    scores_bhts = jnp.where(mask_bt[:, None, None, :], scores_bhts, _MASKED)
+    probs_bhts = jax.nn.softmax(scores_bhts, axis=-1).astype(self.dtype)
+    ctx_bthk = jnp.einsum('bhts,bshk->bthk', probs_bhts, v_bthk)
+    return self.out(ctx_bthk)

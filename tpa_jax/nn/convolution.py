@@ -1,0 +1,67 @@
+"""The conformer convolution module."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tpa_jax import sharding
+from tpa_jax.nn.layers import Dense, FrozenBatchNorm, LayerNorm
+
+CONV_NORMS = ('layer', 'batch')
+
+
+class ConvModule(nnx.Module):
+  """LayerNorm -> pointwise (2·dim) -> GLU -> depthwise (causal or symmetric) -> LayerNorm or
+  BatchNorm (frozen statistics) -> swish -> pointwise.
+
+  Padded frames are zeroed before the depthwise convolution, so valid frames never see padding.
+  """
+
+  def __init__(self, dim: int, kernel_size: int, *, causal: bool = False, norm: str = 'layer',
+               use_bias: bool = True, eps: float = 1e-5, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if norm not in CONV_NORMS:
+      raise ValueError(f'model.conv_norm={norm!r}: accepted values are {CONV_NORMS}')
+    if kernel_size < 1:
+      raise ValueError(f'model.conv_kernel_size={kernel_size}: must be a positive integer')
+    if not causal and kernel_size % 2 == 0:
+      raise ValueError(f'model.conv_kernel_size={kernel_size}: a symmetric (non-causal) '
+                       'depthwise convolution needs an odd kernel size')
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.kernel_size, self.causal, self.dtype = kernel_size, causal, dtype
+    self.norm_in = LayerNorm(dim, eps=eps, **kw)
+    # (embed, 2, conv): the GLU halves sit on an unsharded axis, channels on `conv`.
+    self.pointwise_in = Dense(dim, (2, dim), axes=('embed', None, 'conv'), use_bias=use_bias, **kw)
+    self.depthwise_kernel = nnx.Param(
+        nnx.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=0,
+                                          out_axis=1)(rngs.params(), (kernel_size, dim),
+                                                      param_dtype),
+        out_sharding=(None, 'conv'))
+    self.depthwise_bias = (nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=('conv',))
+                           if use_bias else None)
+    if norm == 'layer':
+      self.norm_mid = LayerNorm(dim, axis_name='conv', eps=eps, **kw)
+    else:
+      self.norm_mid = FrozenBatchNorm(dim, eps=eps, **kw)
+    self.pointwise_out = Dense(dim, dim, axes=('conv', 'embed'), use_bias=use_bias, **kw)
+
+  def _depthwise(self, x_btc: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    pad = (k - 1, 0) if self.causal else ((k - 1) // 2, (k - 1) // 2)
+    kernel_k1c = self.depthwise_kernel[...].astype(self.dtype)[:, None, :]
+    y = jax.lax.conv_general_dilated(
+        x_btc, kernel_k1c, window_strides=(1,), padding=(pad,),
+        dimension_numbers=('NWC', 'WIO', 'NWC'), feature_group_count=x_btc.shape[-1])
+    if self.depthwise_bias is not None:
+      y = y + self.depthwise_bias[...].astype(self.dtype)
+    return y
+
+  def __call__(self, x_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    h_btgc = self.pointwise_in(self.norm_in(x_btd))
+    h_btc = h_btgc[..., 0, :] * jax.nn.sigmoid(h_btgc[..., 1, :])
+    h_btc = sharding.constrain(h_btc, ('batch', 'time', 'conv'))
+    h_btc = jnp.where(mask_bt[..., None], h_btc, jnp.zeros((), h_btc.dtype))
+    h_btc = jax.nn.silu(self.norm_mid(self._depthwise(h_btc)))
+    return self.pointwise_out(h_btc)

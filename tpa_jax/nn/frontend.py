@@ -1,0 +1,85 @@
+"""Frontends: features [B, T, F] + mask -> frames [B, T', D] + mask at the encoder rate."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tpa_jax.nn.layers import Dense, LayerNorm
+
+FRONTENDS = ('conv2d', 'stacked')
+
+
+def lengths(mask_bt: jax.Array) -> jax.Array:
+  """Valid lengths of prefix masks (valid frames first, then padding)."""
+  return mask_bt.astype(jnp.int32).sum(-1)
+
+
+def prefix_mask(lengths_b: jax.Array, t: int) -> jax.Array:
+  return jnp.arange(t)[None, :] < lengths_b[:, None]
+
+
+class Conv2dSubsampling(nnx.Module):
+  """Stacked 2-D convolutions (kernel k, stride s, VALID, ReLU) over time x frequency, then a linear
+  projection of channels x remaining frequencies to `dim`. Two stride-2 layers subsample x4.
+
+  An output frame is valid only if its whole receptive field lies on valid input frames, so the
+  valid outputs never depend on padding.
+  """
+
+  def __init__(self, input_dim: int, dim: int, *, channels: int, num_layers: int = 2,
+               kernel_size: int = 3, stride: int = 2, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.input_dim, self.dtype = input_dim, dtype
+    self.kernel_size, self.stride = kernel_size, stride
+    init = nnx.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal',
+                                             in_axis=(0, 1, 2), out_axis=3)
+    kernels, biases = [], []
+    freq, in_ch = input_dim, 1
+    for _ in range(num_layers):
+      kernels.append(nnx.Param(init(rngs.params(), (kernel_size, kernel_size, in_ch, channels),
+                                    param_dtype), out_sharding=(None, None, None, None)))
+      biases.append(nnx.Param(jnp.zeros((channels,), param_dtype), out_sharding=(None,)))
+      freq = (freq - kernel_size) // stride + 1
+      in_ch = channels
+    if freq < 1:
+      raise ValueError(f'model.frontend.input_dim={input_dim} is too small for {num_layers} '
+                       f'convolutions of kernel {kernel_size}, stride {stride}')
+    self.kernels, self.biases = nnx.List(kernels), nnx.List(biases)
+    self.out = Dense(channels * freq, dim, axes=(None, 'embed'), dtype=dtype,
+                     param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x_btf: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    h = x_btf.astype(self.dtype)[..., None]
+    n = lengths(mask_bt)
+    for kernel, bias in zip(self.kernels, self.biases):
+      h = jax.lax.conv_general_dilated(
+          h, kernel[...].astype(self.dtype), window_strides=(self.stride, self.stride),
+          padding='VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      h = jax.nn.relu(h + bias[...].astype(self.dtype))
+      n = jnp.maximum((n - self.kernel_size) // self.stride + 1, 0)
+    b, t, f, c = h.shape
+    # Channels-major flattening (c, f), as in torch-style Conv2dSubsampling checkpoints.
+    h = h.transpose(0, 1, 3, 2).reshape(b, t, c * f)
+    return self.out(h), prefix_mask(n, t)
+
+
+class StackedFrames(nnx.Module):
+  """Stacks `stack` consecutive feature frames (2 x 80 -> 160), then LayerNorm -> Linear to `dim`,
+  as w2v-BERT 2.0's feature projection. A stacked frame is valid if its last source frame is.
+  """
+
+  def __init__(self, input_dim: int, dim: int, *, stack: int = 2, eps: float = 1e-5,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.input_dim, self.stack = input_dim, stack
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm = LayerNorm(stack * input_dim, axis_name=None, eps=eps, **kw)
+    self.proj = Dense(stack * input_dim, dim, axes=(None, 'embed'), **kw)
+
+  def __call__(self, x_btf: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    b, t, f = x_btf.shape
+    t_out = t // self.stack
+    x = x_btf[:, :t_out * self.stack].reshape(b, t_out, self.stack * f)
+    mask = mask_bt[:, self.stack - 1::self.stack][:, :t_out]
+    return self.proj(self.norm(x)), mask

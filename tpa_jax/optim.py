@@ -1,0 +1,58 @@
+"""Optimizers over trainable state only: AdamW with warmup + cosine or rsqrt decay, clipping."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ('cosine', 'rsqrt', 'constant')
+
+
+def make_schedule(*, learning_rate: float, schedule: str, warmup_steps: int, decay_steps: int,
+                  end_ratio: float = 0.0) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then cosine decay to `end_ratio`·lr at `decay_steps`,
+  rsqrt decay lr·sqrt(warmup/step), or a constant."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f'optim.schedule={schedule!r}: accepted values are {SCHEDULES}')
+  if learning_rate <= 0:
+    raise ValueError(f'optim.learning_rate={learning_rate}: must be positive')
+  warmup_steps = max(int(warmup_steps), 0)
+  if schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, warmup_steps, max(decay_steps, warmup_steps + 1),
+        end_value=learning_rate * end_ratio)
+  if schedule == 'constant':
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+         optax.constant_schedule(learning_rate)], [warmup_steps])
+
+  def rsqrt(step):
+    step = jnp.asarray(step, jnp.float32) + 1.0
+    warm = jnp.maximum(float(warmup_steps), 1.0)
+    return learning_rate * jnp.minimum(step / warm, jnp.sqrt(warm / step))
+
+  return rsqrt
+
+
+def _decay_mask(params):
+  """Weight decay on matrices only (kernels), not on biases, norms or position tables."""
+  def is_kernel(path, _):
+    return any(getattr(k, 'key', None) == 'kernel' for k in path)
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
+def make_optimizer(*, learning_rate: float, schedule: str = 'cosine', warmup_steps: int = 0,
+                   decay_steps: int = 1, end_ratio: float = 0.0, b1: float = 0.9,
+                   b2: float = 0.98, eps: float = 1e-8, weight_decay: float = 0.0,
+                   clip_norm: float | None = 1.0) -> tuple[optax.GradientTransformation,
+                                                            optax.Schedule]:
+  """(optimizer, schedule): global-norm clipping then AdamW."""
+  sched = make_schedule(learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps,
+                        decay_steps=decay_steps, end_ratio=end_ratio)
+  parts = []
+  if clip_norm:
+    parts.append(optax.clip_by_global_norm(clip_norm))
+  parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=_decay_mask))
+  return optax.chain(*parts), sched
