@@ -1,0 +1,31 @@
+# tpa_jax: `make demo` runs the main job, `make test` the test suite. Both create and use a local
+# virtual environment (.venv) and install what they need into it.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+# Test processes in parallel (each simulates 4 CPU devices).
+TEST_WORKERS ?= 2
+
+.PHONY: demo test bench install clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) launch/train.py --config=configs/demo.py --workdir=$(WORKDIR) --alsologtostderr
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/step_cost.py
+
+clean:
+	rm -rf $(VENV) runs
