@@ -146,3 +146,18 @@ def test_bad_inputs_name_the_argument(mesh1):
 def test_bad_model_configs_name_the_field(field, value, accepted, mesh1):
   with pytest.raises(ValueError, match=rf"{field}='{value}'.*{accepted}"):
     models.create_model(tiny_config('tpa', **{field: value}), mesh1)
+
+
+def test_bfloat16_compute_tracks_float32(mesh1):
+  batch = ctc_batch(tiny_config())
+  outputs = {}
+  for dtype in ('float32', 'bfloat16'):
+    model = models.create_model(tiny_config('tpa', **{'model.dtype': dtype}), mesh1)
+    with jax.set_mesh(mesh1):
+      out, mask = _encode(model, batch['features'], batch['feature_mask'])
+    outputs[dtype] = np.asarray(out.astype(jnp.float32))
+  assert out.dtype == jnp.bfloat16
+  mask = np.asarray(mask)
+  a, b = outputs['float32'][mask], outputs['bfloat16'][mask]
+  assert np.isfinite(b).all()
+  assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.05

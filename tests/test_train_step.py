@@ -29,6 +29,19 @@ def paths(tree):
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def update_difference(before, after_a, after_b):
+  """(relative difference of two updates over all weights, the weight contributing most, the
+  weights that moved). Whole-update norms, since a weight whose exact gradient is 0 (such as an
+  attention key bias) has only rounding noise to compare and per-weight ratios mean nothing."""
+  diffs, norms = {}, {}
+  for (path, b), a1, a2 in zip(paths(before).items(), jax.tree.leaves(host(after_a)),
+                               jax.tree.leaves(host(after_b))):
+    d1, d2 = (a1 - b).astype(np.float64), (a2 - b).astype(np.float64)
+    diffs[path], norms[path] = np.sum((d1 - d2) ** 2), np.sum(d1 ** 2)
+  rel = np.sqrt(sum(diffs.values()) / sum(norms.values()))
+  return rel, max(diffs, key=diffs.get), {p for p, n in norms.items() if n > 0}
+
+
 def run_steps(trainer, n, seed=0):
   metrics = []
   for i in range(n):
@@ -92,18 +105,8 @@ def test_sharded_step_equals_unsharded(method, mesh1, mesh22):
   m2 = jax.tree.map(float, jax.block_until_ready(sharded.step(batch)))
   for key in ('loss', 'grad_norm'):
     assert abs(m1[key] - m2[key]) <= 1e-5 * abs(m1[key]), (key, m1[key], m2[key])
-  # Relative difference of the whole update (a weight whose exact gradient is 0, such as an
-  # attention key bias, has only rounding noise to compare, so per-leaf ratios are meaningless).
-  diffs, norms = {}, []
-  for (path, b), u1, u2 in zip(paths(before).items(), jax.tree.leaves(host(single.state.trainable)),
-                               jax.tree.leaves(host(sharded.state.trainable))):
-    d1, d2 = (u1 - b).astype(np.float64), (u2 - b).astype(np.float64)
-    diffs[path] = np.sum((d1 - d2) ** 2)
-    norms.append(np.sum(d1 ** 2))
-  rel = np.sqrt(sum(diffs.values()) / sum(norms))
-  worst = max(diffs, key=diffs.get)
+  rel, worst, moved = update_difference(before, single.state.trainable, sharded.state.trainable)
   assert rel <= 1e-5, f'relative difference of updates {rel:.2e}, mostly in {worst}'
-  moved = {p for p, n in zip(diffs, norms) if n > 0}
   assert any('head' in str(p) for p in moved) and len(moved) >= 4, moved
   # The updated states also agree on the next batch's loss.
   batch = ctc_batch(config, seed=1)
@@ -175,3 +178,31 @@ def test_gradients_never_enter_the_frozen_segment(mesh1):
   # Adapters everywhere: ~3 units of work per block (forward + activation backward + adapters);
   # upper half: blocks 0-1 forward only.
   assert upper < 0.8 * all_blocks
+
+
+def test_bad_batches_are_named_before_compiling(mesh1):
+  trainer = make_trainer(tiny_config('tpa'), mesh1)
+  batch = ctc_batch(tiny_config())
+  with pytest.raises(TypeError, match='labels must have rank 2 and an integer dtype'):
+    trainer.step({**batch, 'labels': batch['labels'].astype(np.float32)})
+  with pytest.raises(KeyError, match="needs 'label_mask'"):
+    trainer.step({k: v for k, v in batch.items() if k != 'label_mask'})
+  with pytest.raises(TypeError, match='feature_mask must be bool'):
+    trainer.step({**batch, 'feature_mask': batch['feature_mask'].astype(np.int32)})
+  assert trainer._executables == {}  # nothing was compiled for a bad batch
+  assert int(trainer.state.step) == 0
+
+
+def test_remat_policies_compute_the_same_step(mesh1):
+  results = {}
+  for policy in ('none', 'full', 'dots_no_batch'):
+    trainer = make_trainer(tiny_config('tpa', **{'model.remat_policy': policy}), mesh1,
+                           frozen_dtype=None, eps=1e-4)
+    before = host(trainer.state.trainable)
+    metrics = jax.tree.map(float, trainer.step(ctc_batch(tiny_config())))
+    results[policy] = metrics['loss'], metrics['grad_norm'], host(trainer.state.trainable)
+  loss, gnorm, params = results['none']
+  for policy, (l, g, p) in results.items():
+    assert abs(l - loss) <= 1e-5 * loss and abs(g - gnorm) <= 1e-5 * gnorm, policy
+    rel, worst, _ = update_difference(before, params, p)
+    assert rel <= 1e-5, (policy, rel, worst)

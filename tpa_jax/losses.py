@@ -30,11 +30,31 @@ def classification_loss(logits_bc: jax.Array,
   return loss, {'accuracy': accuracy}
 
 
+# task -> {batch key: (rank, dtype kind)}; kinds as numpy's dtype.kind ('i' int, 'b' bool).
+LABEL_SPECS = {
+    'ctc': {'labels': (2, 'i'), 'label_mask': (2, 'b')},
+    'classification': {'labels': (1, 'i')},
+}
+_KIND_NAMES = {'i': 'an integer dtype', 'b': 'bool'}
+
+
+def check_labels(task: str, batch: dict) -> None:
+  """Rejects missing label arrays or ones of the wrong rank or dtype, naming the key."""
+  if task not in LABEL_SPECS:
+    raise ValueError(f'head.kind={task!r}: accepted values are {TASKS}')
+  for key, (rank, kind) in LABEL_SPECS[task].items():
+    if key not in batch:
+      raise KeyError(f'a {task} batch needs {key!r}; it has {sorted(batch)}')
+    x = batch[key]
+    if len(x.shape) != rank or jnp.dtype(x.dtype).kind not in (kind, 'u' if kind == 'i' else kind):
+      raise TypeError(f'{key} must have rank {rank} and {_KIND_NAMES[kind]} for a {task} batch, '
+                      f'got shape {tuple(x.shape)} and {x.dtype}')
+
+
 def task_loss(task: str, logits: jax.Array, mask_bt: jax.Array,
               batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The loss of `task` for a batch with `labels` (+ `label_mask` for CTC)."""
+  check_labels(task, batch)
   if task == 'ctc':
     return ctc_loss(logits, mask_bt, batch['labels'], batch['label_mask'])
-  if task == 'classification':
-    return classification_loss(logits, batch['labels'])
-  raise ValueError(f'head.kind={task!r}: accepted values are {TASKS}')
+  return classification_loss(logits, batch['labels'])

@@ -94,6 +94,7 @@ class Trainer:
   rest_shardings: nnx.State
   step_fn: Callable
   rules: tuple
+  task: str
   _executables: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def _jitted(self, batch):
@@ -104,6 +105,11 @@ class Trainer:
                    donate_argnums=(0,))
 
   def check_batch(self, batch: dict[str, Any]) -> None:
+    """Named errors for a batch the step cannot take, before anything is compiled."""
+    for key in ('features', 'feature_mask'):
+      if key not in batch:
+        raise KeyError(f'a batch needs {key!r}; it has {sorted(batch)}')
+    losses.check_labels(self.task, batch)
     data_ways = self.mesh.shape['data'] * self.mesh.shape['fsdp']
     size = batch['features'].shape[0]
     if size % data_ways:
@@ -167,4 +173,4 @@ def create_trainer(model: SpeechModel, optimizer: optax.GradientTransformation,
   return Trainer(graphdef=graphdef, state=state, frozen=frozen, rest=rest, mesh=mesh,
                  frozen_depth=frozen_depth, state_shardings=state_sh,
                  frozen_shardings=frozen_sh, rest_shardings=rest_sh, step_fn=step_fn,
-                 rules=rules)
+                 rules=rules, task=task)

@@ -42,7 +42,7 @@ class SelfAttention(nnx.Module):
       raise ValueError(f'model.dim={dim} is not divisible by model.num_heads={num_heads}')
     head_dim = dim // num_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.position, self.dtype, self.head_dim = position, dtype, head_dim
+    self.position, self.dtype, self.dim, self.head_dim = position, dtype, dim, head_dim
     self.left_max, self.right_max = left_max_position, right_max_position
     self.norm = LayerNorm(dim, eps=eps, **kw)
     qkv_axes = ('embed', 'heads', 'kv')
@@ -75,7 +75,7 @@ class SelfAttention(nnx.Module):
     elif self.position == 'rel_pos':
       # Relative distances i - j from t-1 down to -(t-1); entry p holds distance (t-1) - p.
       positions = jnp.arange(t - 1, -t, -1)
-      pos_pd = sinusoid_table(positions, self.query.in_shape[0]).astype(self.dtype)
+      pos_pd = sinusoid_table(positions, self.dim).astype(self.dtype)
       pos_phk = self.pos_proj(pos_pd)
       q_v = q_bthk + self.pos_bias_v[...].astype(self.dtype)
       qe_bhtr = jnp.einsum('bthk,phk->bhtp', q_v, pos_phk)
