@@ -82,8 +82,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_steps, every = config.train.num_steps, max(config.train.log_every_steps, 1)
   batch, last, loop_start = first, {}, time.perf_counter()
   skipped = jnp.zeros((), jnp.float32)  # non-finite steps, counted on device without a sync
+  # Asynchronously dispatched sharded steps can deadlock in the collectives of simulated CPU
+  # devices; elsewhere the host runs ahead while the accelerator works.
+  sync_each_step = jax.default_backend() == 'cpu' and mesh.size > 1
   for step in range(1, num_steps + 1):
     metrics = trainer.step(batch)
+    if sync_each_step:
+      jax.block_until_ready(metrics)
     skipped = skipped + (1.0 - metrics['applied'])
     batch = next(batches)
     if step % every == 0 or step == num_steps:
