@@ -48,12 +48,16 @@ class ConvModule(nnx.Module):
     self.pointwise_out = Dense(dim, dim, axes=('conv', 'embed'), use_bias=use_bias, **kw)
 
   def _depthwise(self, x_btc: jax.Array) -> jax.Array:
-    k = self.kernel_size
-    pad = (k - 1, 0) if self.causal else ((k - 1) // 2, (k - 1) // 2)
-    kernel_k1c = self.depthwise_kernel[...].astype(self.dtype)[:, None, :]
-    y = jax.lax.conv_general_dilated(
-        x_btc, kernel_k1c, window_strides=(1,), padding=(pad,),
-        dimension_numbers=('NWC', 'WIO', 'NWC'), feature_group_count=x_btc.shape[-1])
+    """y[t] = sum_k w[k]·x[t + k - left]: a sum of shifted products, which XLA fuses into one
+    elementwise kernel (forward and backward) instead of a grouped convolution, whose filter
+    gradient is slow on CPU and GPU."""
+    k, t = self.kernel_size, x_btc.shape[1]
+    left = k - 1 if self.causal else (k - 1) // 2
+    kernel_kc = self.depthwise_kernel[...].astype(self.dtype)
+    x_pad = jnp.pad(x_btc, ((0, 0), (left, k - 1 - left), (0, 0)))
+    y = x_pad[:, 0:t] * kernel_kc[0]
+    for i in range(1, k):
+      y = y + x_pad[:, i:i + t] * kernel_kc[i]
     if self.depthwise_bias is not None:
       y = y + self.depthwise_bias[...].astype(self.dtype)
     return y
