@@ -13,13 +13,13 @@ TEST_WORKERS ?= 2
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,speech]'
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) launch/train.py --config=configs/demo.py --workdir=$(WORKDIR) --alsologtostderr
+	$(PY) launch/demo.py --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests

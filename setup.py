@@ -20,6 +20,16 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     'test': ['pytest', 'pytest-xdist'],
+    # The synthetic speech corpus: eSpeak NG (GPL-3.0, shipped as a shared library by
+    # espeakng-loader) is used only by tpa_jax/data/espeak.py, so it stays optional.
+    'speech': [
+        'espeakng-loader==0.2.4',
+        'wordfreq==3.1.1',
+        'jiwer==4.0.0',
+        'scipy',
+        'matplotlib',
+        'importlib_resources',  # TFDS builders defined outside tensorflow_datasets
+    ],
 }
 
 setup(

@@ -22,6 +22,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  training.quiet_library_logs()
   training.train(_CONFIG.value, _WORKDIR.value)
 
 

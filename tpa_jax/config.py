@@ -5,7 +5,13 @@ Config files in `configs/` compose these: `configs/adapt.py:model=tiny,method=tp
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
+
+# Domains of the synthetic speech corpus: the full ones, and tiny ones for tests.
+DOMAINS_FILE = os.path.join(os.path.dirname(__file__), 'data', 'speech_domains.json')
+TINY_DOMAINS_FILE = os.path.join(os.path.dirname(__file__), 'data', 'speech_domains_tiny.json')
 
 # Model shapes by name. `tiny` is for tests, `demo` for `make demo`, `bench` for the step-cost
 # benchmark (8 blocks x 256).
@@ -151,12 +157,58 @@ def base_config() -> ml_collections.ConfigDict:
   ms.tensor = 1
 
   c.data = d = ml_collections.ConfigDict()
-  # 'random': random features and labels (until the speech corpus lands).
+  # 'random' (random features, the synthetic task of tpa_jax/synthetic.py),
+  # 'synthetic_speech/<domain>' (the embedded eSpeak NG corpus: source, target_lang,
+  # target_acoustic, lang_id) or 'librispeech' (TFDS's builder; prepare it beforehand).
   d.name = 'random'
+  # TFDS data directory ('' : <workdir>/data).
+  d.data_dir = ''
+  # A JSON file of synthetic corpus domains ('' : tpa_jax/data/speech_domains.json).
+  d.domains_file = ''
+  # Splits to train and to evaluate on.
+  d.train_split = 'train'
+  d.eval_split = 'test'
+  # Length buckets: upper bounds in seconds; longer utterances are skipped (and counted).
+  d.bucket_seconds = (4.0, 8.0, 16.0)
+  # Seconds of audio per global batch (batch size of a bucket = this / its length).
+  d.batch_seconds = 64.0
+  # Label slots per second of audio in a bucket (CTC); longer transcripts are skipped.
+  d.max_tokens_per_second = 25.0
+  # Utterances per evaluation batch.
+  d.eval_batch_size = 32
+  # Threads that read and collate batches.
+  d.num_threads = 2
   # random: feature frames per utterance.
   d.num_frames = 128
   # random: label tokens per utterance.
   d.num_labels = 8
+
+  c.features = fe = ml_collections.ConfigDict()
+  # Log-mel filterbanks computed on device from 16 kHz audio.
+  fe.sample_rate_hz = 16000
+  fe.window_ms = 25.0
+  fe.hop_ms = 10.0
+  # Mel bins; must equal model.frontend.input_dim.
+  fe.num_mels = 80
+  fe.preemphasis = 0.97
+  # Floor of the mel power before the log (digital silence maps to log(floor)).
+  fe.floor = 1e-8
+  # SpecAugment in training: frequency bands and time spans set to the mean.
+  fe.spec_augment = True
+  fe.num_freq_masks = 2
+  fe.max_freq_width = 15
+  fe.num_time_masks = 2
+  # Each time mask spans at most this fraction of the utterance (and max_time_width frames).
+  fe.max_time_fraction = 0.05
+  fe.max_time_width = 40
+
+  c.tokenizer = tk = ml_collections.ConfigDict()
+  # 'chars' (the characters of the training transcripts) or 'sentencepiece' (trained on them);
+  # cached in <workdir>/tokenizers. Sets head.vocab_size.
+  tk.kind = 'chars'
+  # sentencepiece: vocabulary size (including the blank) and model type ('unigram' or 'bpe').
+  tk.vocab_size = 256
+  tk.model_type = 'unigram'
   return c
 
 

@@ -21,7 +21,11 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tpa_jax import losses, partition, sharding
+from tpa_jax.features import Featurizer
 from tpa_jax.nn.model import SpeechModel
+
+# A batch carries either features or audio (featurized inside the step).
+INPUT_KEYS = (('features', 'feature_mask'), ('audio', 'audio_lengths'))
 
 
 class TrainState(struct.PyTreeNode):
@@ -47,17 +51,32 @@ def batch_shardings(batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str,
           for k, v in batch.items()}
 
 
+def batch_inputs(batch: dict[str, jax.Array], featurizer: Featurizer | None,
+                 key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(features, mask) of a batch: given, or computed from `audio` on device (SpecAugment when
+  `key` is given)."""
+  if 'audio' in batch:
+    if featurizer is None:
+      raise ValueError('a batch with audio needs a featurizer (config.features)')
+    return featurizer(batch['audio'], batch['audio_lengths'], key)
+  return batch['features'], batch['feature_mask']
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, task: str, frozen_depth: int | None,
-                    rules=sharding.DEFAULT_RULES) -> Callable:
-  """The pure step (state, frozen, rest, batch) -> (state, metrics)."""
+                    rules=sharding.DEFAULT_RULES, featurizer: Featurizer | None = None,
+                    seed: int = 0) -> Callable:
+  """The pure step (state, frozen, rest, batch) -> (state, metrics). Audio batches are
+  featurized inside it, with SpecAugment keyed by (seed, step)."""
 
   def train_step(state: TrainState, frozen: nnx.State, rest: nnx.State,
                  batch: dict[str, jax.Array]):
     with sharding.axis_rules(rules):
       model: SpeechModel = nnx.merge(graphdef, state.trainable, frozen, rest)
       # The frozen prefix is computed before autodiff starts: it is never differentiated.
-      x, mask = model.prefix(batch['features'], batch['feature_mask'], frozen_depth)
+      features, mask = batch_inputs(batch, featurizer,
+                                    jax.random.fold_in(jax.random.key(seed), state.step))
+      x, mask = model.prefix(features, mask, frozen_depth)
 
       def loss_fn(trainable):
         model = nnx.merge(graphdef, trainable, frozen, rest)
@@ -95,6 +114,7 @@ class Trainer:
   step_fn: Callable
   rules: tuple
   task: str
+  featurizer: Featurizer | None = None
   _executables: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def _jitted(self, batch):
@@ -106,12 +126,16 @@ class Trainer:
 
   def check_batch(self, batch: dict[str, Any]) -> None:
     """Named errors for a batch the step cannot take, before anything is compiled."""
-    for key in ('features', 'feature_mask'):
+    keys = next((keys for keys in INPUT_KEYS if keys[0] in batch), INPUT_KEYS[0])
+    for key in keys:
       if key not in batch:
-        raise KeyError(f'a batch needs {key!r}; it has {sorted(batch)}')
+        raise KeyError(f'a batch needs {key!r} (or {INPUT_KEYS[1]} for audio); it has '
+                       f'{sorted(batch)}')
+    if keys[0] == 'audio' and self.featurizer is None:
+      raise ValueError('an audio batch needs a trainer with a featurizer (config.features)')
     losses.check_labels(self.task, batch)
     data_ways = self.mesh.shape['data'] * self.mesh.shape['fsdp']
-    size = batch['features'].shape[0]
+    size = batch[keys[0]].shape[0]
     if size % data_ways:
       raise ValueError(f'batch size {size} is not divisible by the data-parallel mesh axes '
                        f'data x fsdp = {data_ways}; use a multiple of {data_ways}')
@@ -129,11 +153,20 @@ class Trainer:
       self._executables[key] = self.lower(batch).compile()
     return self._executables[key]
 
-  def step(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
-    """Runs one step on a host batch or global arrays; updates `self.state`."""
-    compiled = self.compile(batch)
+  def global_batch(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+    """Global arrays of a batch. With several processes each passes its own rows (the process's
+    shard of the global batch), which are concatenated along the batch axis."""
     shardings = batch_shardings(batch, self.mesh)
-    batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
+    if jax.process_count() > 1:
+      return {k: v if isinstance(v, jax.Array) and not v.is_fully_addressable else
+              jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+    return {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
+
+  def step(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+    """Runs one step on a host batch (this process's rows) or global arrays; updates
+    `self.state`."""
+    batch = self.global_batch(batch)
+    compiled = self.compile(batch)
     with jax.set_mesh(self.mesh):
       self.state, metrics = compiled(self.state, self.frozen, self.rest, batch)
     return metrics
@@ -146,7 +179,8 @@ class Trainer:
 def create_trainer(model: SpeechModel, optimizer: optax.GradientTransformation,
                    schedule: optax.Schedule, *, task: str, trainable: str = 'adapters',
                    frozen_dtype=None, mesh: jax.sharding.Mesh,
-                   rules=sharding.DEFAULT_RULES) -> Trainer:
+                   rules=sharding.DEFAULT_RULES, featurizer: Featurizer | None = None,
+                   seed: int = 0) -> Trainer:
   """Splits a (sharded) model, stores frozen weights in `frozen_dtype`, initialises the optimizer
   on trainable state only, and prepares the jitted step."""
   if task not in losses.TASKS:
@@ -169,8 +203,8 @@ def create_trainer(model: SpeechModel, optimizer: optax.GradientTransformation,
   state = TrainState(step=step0, trainable=trainable_state, opt_state=opt_state)
   state_sh = TrainState(step=replicated, trainable=trainable_sh, opt_state=opt_sh)
   step_fn = make_train_step(graphdef, optimizer, schedule, task=task, frozen_depth=frozen_depth,
-                            rules=rules)
+                            rules=rules, featurizer=featurizer, seed=seed)
   return Trainer(graphdef=graphdef, state=state, frozen=frozen, rest=rest, mesh=mesh,
                  frozen_depth=frozen_depth, state_shardings=state_sh,
                  frozen_shardings=frozen_sh, rest_shardings=rest_sh, step_fn=step_fn,
-                 rules=rules, task=task)
+                 rules=rules, task=task, featurizer=featurizer)

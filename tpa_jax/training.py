@@ -1,11 +1,17 @@
-"""The training loop: mesh, model, trainer, data, steps with progress, metrics in the workdir."""
+"""The training loop: mesh, model, trainer, data, steps with progress, metrics in the workdir.
+
+`train(config, workdir)` runs one job from a config: on the synthetic random task
+(`data.name='random'`) or on a TFDS speech dataset (audio featurized on device). `fit` is the
+loop itself, shared with the demo.
+"""
 
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import time
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +19,27 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tpa_jax import models, optim, partition, sharding, synthetic, train_step
+from tpa_jax import evaluation, features, models, optim, partition, sharding, synthetic
+from tpa_jax import train_step
+
+
+class _LibraryInfoFilter(std_logging.Filter):
+  """Drops INFO records of orbax and TFDS (one line per file written), keeps their warnings."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(
+        f'/{lib}/' in record.pathname for lib in ('orbax', 'tensorflow_datasets'))
+
+
+def quiet_library_logs() -> None:
+  """Keeps the log readable: our progress lines, the libraries' warnings."""
+  for handler in (logging.get_absl_handler(), *std_logging.getLogger().handlers):
+    if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+      handler.addFilter(_LibraryInfoFilter())
 
 
 def random_batches(config: ml_collections.ConfigDict, seed: int) -> Iterator[dict]:
   """The synthetic learnable task of `tpa_jax.synthetic`, shaped by `config.data`."""
-  if config.data.name != 'random':
-    raise ValueError(f"data.name={config.data.name!r}: accepted values are ('random',)")
   rng = np.random.default_rng(seed)
   kw = dict(batch_size=config.train.batch_size, num_frames=config.data.num_frames,
             input_dim=config.model.frontend.input_dim)
@@ -31,81 +51,147 @@ def random_batches(config: ml_collections.ConfigDict, seed: int) -> Iterator[dic
       yield synthetic.classification_batch(rng, num_classes=config.head.num_classes, **kw)
 
 
-def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> train_step.Trainer:
-  """Model, optimizer and trainer as the config says."""
-  model = models.create_model(config, mesh)
+def featurizer(config: ml_collections.ConfigDict) -> features.Featurizer:
+  f = features.Featurizer.from_config(config.features)
+  if f.num_mels != config.model.frontend.input_dim:
+    raise ValueError(f'features.num_mels={f.num_mels} must equal model.frontend.input_dim='
+                     f'{config.model.frontend.input_dim}')
+  return f
+
+
+def output_frames(config: ml_collections.ConfigDict) -> Callable[[int], int]:
+  """num_samples -> encoder output frames, for the featurizer and frontend of `config`."""
+  f = featurizer(config)
+  fe = config.model.frontend
+  if fe.kind == 'stacked':
+    return lambda n: f.frames(n) // fe.stack
+
+  def conv(n):
+    t = f.frames(n)
+    for _ in range(fe.num_layers):
+      t = max((t - fe.kernel_size) // fe.stride + 1, 0)
+    return t
+  return conv
+
+
+def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 model=None) -> train_step.Trainer:
+  """Model (or `model`), optimizer and trainer as the config says."""
+  model = model if model is not None else models.create_model(config, mesh)
   o = config.optim
   optimizer, schedule = optim.make_optimizer(
       learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
       decay_steps=config.train.num_steps, end_ratio=o.end_ratio, b1=o.b1, b2=o.b2, eps=o.eps,
       weight_decay=o.weight_decay, clip_norm=o.clip_norm)
   frozen_dtype = models.dtype(config.train.frozen_dtype, 'train.frozen_dtype')
-  return train_step.create_trainer(model, optimizer, schedule, task=config.head.kind,
-                                   trainable=config.train.trainable, frozen_dtype=frozen_dtype,
-                                   mesh=mesh)
+  return train_step.create_trainer(
+      model, optimizer, schedule, task=config.head.kind, trainable=config.train.trainable,
+      frozen_dtype=frozen_dtype, mesh=mesh,
+      featurizer=featurizer(config) if config.data.name != 'random' else None,
+      seed=config.seed)
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to `workdir/metrics.jsonl`."""
+  """Appends one JSON object per logged step to `workdir/<name>`."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, name: str = 'metrics.jsonl'):
     os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = os.path.join(workdir, name)
 
   def write(self, step: int, metrics: dict) -> None:
     with open(self.path, 'a') as f:
       f.write(json.dumps({'step': step, **metrics}) + '\n')
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains for `config.train.num_steps` steps; returns the last logged metrics."""
-  # -- mesh and model --------------------------------------------------------------------
-  mesh = sharding.make_mesh(**config.mesh)
-  trainer = make_trainer(config, mesh)
-  n_train = partition.count_params(trainer.state.trainable)
-  n_total = n_train + partition.count_params(trainer.frozen)
-  logging.info('mesh %s; %d of %d parameters train (%.2f%%); frozen prefix: %s blocks',
-               dict(mesh.shape), n_train, n_total, 100 * n_train / n_total, trainer.frozen_depth)
+def _duration(seconds: float) -> str:
+  m, s = divmod(int(round(seconds)), 60)
+  return f'{m}m{s:02d}s' if m else f'{s}s'
 
-  # -- input and ahead-of-time compile ---------------------------------------------------
-  batches = random_batches(config, config.seed)
-  first = next(batches)
-  start = time.perf_counter()
-  compiled = trainer.compile(first)
-  memory = compiled.memory_analysis()
-  logging.info('compiled the step in %.1fs; per device: arguments %.1f MB, temp %.1f MB',
-               time.perf_counter() - start, memory.argument_size_in_bytes / 1e6,
-               memory.temp_size_in_bytes / 1e6)
 
-  # -- loop ------------------------------------------------------------------------------
-  writer = MetricsWriter(workdir)
-  num_steps, every = config.train.num_steps, max(config.train.log_every_steps, 1)
-  batch, last, loop_start = first, {}, time.perf_counter()
+def fit(trainer: train_step.Trainer, batches: Iterable[dict], *, num_steps: int,
+        writer: MetricsWriter | None = None, log_every: int = 10, stage: str = 'train',
+        on_log: Callable[[int, dict], None] | None = None) -> list[dict]:
+  """Runs `num_steps` steps over `batches`; logs loss, throughput and an ETA every `log_every`
+  steps. Returns the logged metrics (the learning curve)."""
+  curve, every = [], max(log_every, 1)
   skipped = jnp.zeros((), jnp.float32)  # non-finite steps, counted on device without a sync
   # Asynchronously dispatched sharded steps can deadlock in the collectives of simulated CPU
   # devices; elsewhere the host runs ahead while the accelerator works.
-  sync_each_step = jax.default_backend() == 'cpu' and mesh.size > 1
+  sync_each_step = jax.default_backend() == 'cpu' and trainer.mesh.size > 1
+  iterator = iter(batches)
+  utterances, start = 0, time.perf_counter()
   for step in range(1, num_steps + 1):
+    batch = next(iterator)
+    utterances += len(batch['labels'])
     metrics = trainer.step(batch)
     if sync_each_step:
       jax.block_until_ready(metrics)
     skipped = skipped + (1.0 - metrics['applied'])
-    batch = next(batches)
     if step % every == 0 or step == num_steps:
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      elapsed = time.perf_counter() - loop_start
-      last['skipped_steps'] = float(skipped)
-      last['steps_per_second'] = step / elapsed
-      last['utterances_per_second'] = step * config.train.batch_size / elapsed
-      writer.write(step, last)
-      eta = (num_steps - step) * elapsed / step
-      logging.info('step %d/%d loss %.4f grad_norm %.3f lr %.2e | %.2f steps/s, ETA %.0fs%s',
-                   step, num_steps, last['loss'], last['grad_norm'], last['learning_rate'],
-                   last['steps_per_second'], eta,
+      elapsed = time.perf_counter() - start
+      last.update(skipped_steps=float(skipped), steps_per_second=step / elapsed,
+                  utterances_per_second=utterances / elapsed, elapsed_seconds=elapsed)
+      curve.append({'step': step, **last})
+      if writer is not None:
+        writer.write(step, {'stage': stage, **last})
+      if on_log is not None:
+        on_log(step, last)
+      logging.info('[%s] step %d/%d loss %.4f grad_norm %.3f lr %.2e | %.2f steps/s, '
+                   'elapsed %s, ETA %s%s', stage, step, num_steps, last['loss'],
+                   last['grad_norm'], last['learning_rate'], last['steps_per_second'],
+                   _duration(elapsed), _duration((num_steps - step) * elapsed / step),
                    f" | {last['skipped_steps']:.0f} non-finite steps skipped"
                    if last['skipped_steps'] else '')
-  last.update(trainable_params=n_train, total_params=n_total,
+  return curve
+
+
+def describe(trainer: train_step.Trainer) -> dict:
+  n_train = partition.count_params(trainer.state.trainable)
+  n_total = n_train + partition.count_params(trainer.frozen)
+  logging.info('mesh %s; %d of %d parameters train (%.2f%%); frozen prefix: %s blocks',
+               dict(trainer.mesh.shape), n_train, n_total, 100 * n_train / n_total,
+               trainer.frozen_depth)
+  return dict(trainable_params=n_train, total_params=n_total,
               trainable_fraction=n_train / n_total)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains for `config.train.num_steps` steps; returns the last logged metrics (with the
+  evaluation of `data.eval_split` for speech data)."""
+  mesh = sharding.make_mesh(**config.mesh)
+  writer = MetricsWriter(workdir)
+  if config.data.name == 'random':
+    trainer = make_trainer(config, mesh)
+    info = describe(trainer)
+    batches, data, tokenizer = random_batches(config, config.seed), None, None
+  else:
+    # Imported here: the speech pipeline needs TFDS (and the `speech` extra for the corpus).
+    from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
+    data = datasets.SpeechData.open(
+        config.data, workdir=workdir, task=config.head.kind, frames=output_frames(config),
+        data_ways=mesh.shape['data'] * mesh.shape['fsdp'])
+    data.prepare()
+    tokenizer = None
+    with config.unlocked():
+      if config.head.kind == 'ctc':
+        tokenizer = data.tokenizer(config.tokenizer, os.path.join(workdir, 'tokenizers'))
+        config.head.vocab_size = tokenizer.vocab_size
+      else:
+        config.head.num_classes = data.num_classes
+    trainer = make_trainer(config, mesh)
+    info = describe(trainer)
+    loader = data.train_loader(tokenizer, split=config.data.train_split, seed=config.seed,
+                               num_batches=config.train.num_steps)
+    batches = iter(loader)
+  curve = fit(trainer, batches, num_steps=config.train.num_steps, writer=writer,
+              log_every=config.train.log_every_steps)
+  results = {**curve[-1], **info}
+  if data is not None:
+    evaluator = evaluation.Evaluator(config.head.kind, trainer.featurizer, mesh)
+    results['eval'] = evaluator.evaluate(
+        trainer.model(), data.eval_batches(config.data.eval_split, tokenizer), tokenizer)
+    logging.info('evaluation on %s: %s', config.data.eval_split, results['eval'])
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(last, f, indent=2)
-  return last
+    json.dump(results, f, indent=2)
+  return results

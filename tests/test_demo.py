@@ -1,0 +1,49 @@
+"""`make demo`'s pipeline in a tiny configuration, run twice as a user would (a subprocess each):
+the first run prepares the corpus and pre-trains the base, the second reuses both."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_demo(workdir):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as `make demo`
+  result = subprocess.run(
+      [sys.executable, 'launch/demo.py', '--config=configs/demo.py:tiny', f'--workdir={workdir}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result, json.load(open(os.path.join(workdir, 'results.json')))
+
+
+def test_tiny_demo_end_to_end_and_cached_base(tmp_path):
+  first, results = run_demo(tmp_path)
+  for key in ('source_wer', 'target_wer_before', 'target_wer_after'):
+    assert 0.0 <= results[key] < 5.0
+  assert 0 < results['trainable_fraction'] < 0.15
+  stages = ('prepare', 'tokenizers', 'pretrain', 'evaluate_base', 'adapt', 'evaluate_adapted')
+  assert set(results['seconds']) == set(stages) | {'total'}
+  assert results['seconds']['total'] >= sum(results['seconds'][s] for s in stages) - 1.0
+  assert results['pretrained_now'] is True
+  # Progress with an ETA while training, and the table at the end.
+  assert 'ETA' in first.stderr and 'relative WER reduction' in first.stdout
+  for name in ('learning_curves.png', 'metrics.jsonl', 'adapters', 'base/encoder', 'base/head'):
+    assert os.path.exists(tmp_path / name), name
+  stages_logged = {json.loads(line)['stage'] for line in open(tmp_path / 'metrics.jsonl')}
+  assert stages_logged == {'pretrain', 'adapt'}
+  adapters = json.load(open(tmp_path / 'adapters.json'))
+  base = json.load(open(tmp_path / 'base' / 'encoder.json'))
+  assert adapters['base_fingerprint'] == base['fingerprint']
+
+  # Second run: the corpus and the base are reused; the restored base scores exactly the same.
+  _, again = run_demo(tmp_path)
+  assert again['pretrained_now'] is False
+  assert again['seconds']['pretrain'] < results['seconds']['pretrain']
+  assert again['source_wer'] == results['source_wer']
+  assert again['target_wer_before'] == results['target_wer_before']
+  np.testing.assert_allclose(again['curves']['pretrain'][-1]['loss'],
+                             results['curves']['pretrain'][-1]['loss'])

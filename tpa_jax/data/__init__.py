@@ -1,0 +1,1 @@
+"""Speech data: the embedded synthetic corpus, TFDS sources, tokenizers and the input pipeline."""

@@ -1,0 +1,223 @@
+"""Speech datasets: TFDS builders (the synthetic corpus, LibriSpeech) -> validated, bucketed batches.
+
+    data = SpeechData.open(config.data, workdir=..., featurizer=..., output_frames=...)
+    data.prepare()                               # TFDS download_and_prepare (array_record)
+    tokenizer = data.tokenizer(config.tokenizer, cache_dir)
+    loader = data.train_loader(tokenizer, seed=0, num_batches=1000)   # grain, this process's rows
+    for batch in data.eval_batches('test', tokenizer): ...
+
+Batches hold int16 `audio` [B, S] and `audio_lengths` [B] (featurized on device), and the labels
+of the task: CTC `labels` [B, L] + `label_mask`, or classification `labels` [B]. Every bucket has
+a fixed (B, S, L), so a run compiles a few programs and then never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Callable
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from tpa_jax.data import pipeline
+from tpa_jax.data import tokenizer as tokenizer_lib
+
+FAMILIES = ('synthetic_speech', 'librispeech')
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """Where a family of TFDS builders keeps what the pipeline needs."""
+  audio_key: str
+  text_key: str
+  label_key: str | None  # a ClassLabel feature for utterance classification
+  lowercase: bool  # LibriSpeech transcripts are upper case
+  sample_rate_hz: int = 16000
+
+
+SPECS = {
+    'synthetic_speech': DatasetSpec('audio', 'transcript', 'language', lowercase=False),
+    'librispeech': DatasetSpec('speech', 'text', None, lowercase=True),
+}
+
+
+def _text(value) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def open_builder(name: str, data_dir: str, domains_file: str = '') -> tfds.core.DatasetBuilder:
+  """The TFDS builder `name` ('synthetic_speech/<domain>' or 'librispeech[/config]'), writing
+  array_record files under `data_dir`."""
+  family, _, config_name = name.partition('/')
+  if family == 'synthetic_speech':
+    # Imported here: the corpus module needs the `speech` extra (eSpeak NG, wordfreq).
+    from tpa_jax.data import speech_corpus  # pylint: disable=import-outside-toplevel
+    domains = {d.name: d for d in (speech_corpus.load_domains(domains_file) if domains_file
+                                   else speech_corpus.SyntheticSpeech.BUILDER_CONFIGS)}
+    if config_name not in domains:
+      raise ValueError(f'data.name={name!r}: the synthetic corpus has domains {sorted(domains)}'
+                       f'{" in " + domains_file if domains_file else ""}')
+    return speech_corpus.SyntheticSpeech(config=domains[config_name], data_dir=data_dir,
+                                         file_format='array_record')
+  if family == 'librispeech':
+    return tfds.builder(name, data_dir=data_dir, file_format='array_record')
+  raise ValueError(f"data.name={name!r}: accepted values are 'random', "
+                   "'synthetic_speech/<domain>' or 'librispeech[/<config>]'")
+
+
+@dataclasses.dataclass
+class SpeechData:
+  """One TFDS speech dataset with its pipeline settings (`config.data`)."""
+  builder: tfds.core.DatasetBuilder
+  spec: DatasetSpec
+  buckets: tuple[pipeline.Bucket, ...]
+  task: str
+  max_tokens_per_second: float
+  eval_batch_size: int
+  num_threads: int
+  index_dir: str
+  frames: Callable[[int], int]  # samples -> encoder output frames
+  # split -> {reason: count} of the examples skipped by the indexes built so far.
+  skipped: dict = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def open(cls, data_config, *, workdir: str, task: str, frames: Callable[[int], int],
+           data_ways: int = 1) -> 'SpeechData':
+    """`frames(num_samples)` is the number of frames the model emits for that much audio."""
+    d = data_config
+    data_dir = d.data_dir or os.path.join(workdir, 'data')
+    builder = open_builder(d.name, data_dir, d.domains_file)
+    spec = SPECS[d.name.partition('/')[0]]
+    if task == 'classification' and spec.label_key is None:
+      raise ValueError(f'data.name={d.name!r} has no utterance labels; head.kind must be ctc')
+    # Batch sizes divide over the processes and over the data-parallel mesh axes.
+    multiple = math.lcm(jax.process_count(), data_ways)
+    buckets = pipeline.make_buckets(tuple(d.bucket_seconds), d.batch_seconds,
+                                    sample_rate_hz=spec.sample_rate_hz, multiple_of=multiple)
+    eval_batch = -(-d.eval_batch_size // multiple) * multiple
+    return cls(builder, spec, buckets, task, d.max_tokens_per_second, eval_batch, d.num_threads,
+               os.path.join(data_dir, 'index'), frames)
+
+  # -- preparation ---------------------------------------------------------------------------
+  def prepare(self) -> None:
+    """Writes the dataset's array_record files (no-op if they exist). Synthesis for the embedded
+    corpus; LibriSpeech would download here, so the demo and tests never use it unprepared."""
+    self.builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=1))
+
+  def source(self, split: str):
+    splits = self.builder.info.splits
+    if splits and split not in splits:
+      raise ValueError(f'{self.builder.info.full_name} has splits '
+                       f'{sorted(self.builder.info.splits)}; {split!r} is not one of them')
+    return self.builder.as_data_source(split=split)
+
+  def texts(self, split: str) -> list[str]:
+    source = self.source(split)
+    return [self.text(source[i]) for i in range(len(source))]
+
+  @property
+  def num_classes(self) -> int:
+    return self.builder.info.features[self.spec.label_key].num_classes
+
+  def text(self, example: dict) -> str:
+    text = _text(example[self.spec.text_key]).strip()
+    return text.lower() if self.spec.lowercase else text
+
+  def tokenizer(self, tokenizer_config, cache_dir: str, split: str = 'train'):
+    """The tokenizer for this dataset, trained on `split`'s transcripts and cached."""
+    t = tokenizer_config
+    name = self.builder.info.full_name.replace('/', '-')
+    suffix = 'chars' if t.kind == 'chars' else f'{t.kind}-{t.model_type}-{t.vocab_size}'
+    return tokenizer_lib.load_or_train(
+        os.path.join(cache_dir, f'{name}-{split}-{suffix}.model'),
+        lambda: self.texts(split), kind=t.kind, vocab_size=t.vocab_size, model_type=t.model_type)
+
+  # -- shapes --------------------------------------------------------------------------------
+  def bucket_for(self, num_samples: int) -> pipeline.Bucket | None:
+    return next((b for b in self.buckets if b.max_samples >= num_samples), None)
+
+  def label_capacity(self, bucket: pipeline.Bucket) -> int:
+    """Label length of a bucket's batches: what its audio can hold, at most what the model can
+    emit."""
+    seconds = bucket.max_samples / self.spec.sample_rate_hz
+    return max(min(self.frames(bucket.max_samples),
+                   math.ceil(seconds * self.max_tokens_per_second)), 1)
+
+  def index(self, split: str, tokenizer=None) -> pipeline.SplitIndex:
+    """Which examples of `split` are usable (cached per dataset, split, limits and tokenizer)."""
+    encode = (lambda text: tokenizer.encode(text)) if tokenizer is not None else None
+
+    def max_tokens(num_samples: int) -> int:
+      # CTC needs a frame per label; the label capacity of the example's bucket also bounds it.
+      return min(self.frames(num_samples), self.label_capacity(self.bucket_for(num_samples)))
+
+    def scan():
+      return pipeline.scan_split(
+          self.source(split), audio_key=self.spec.audio_key,
+          max_samples=self.buckets[-1].max_samples, text_fn=self.text,
+          num_tokens=(lambda text: ctc_length(encode(text))) if encode else None,
+          max_tokens=max_tokens, name=f'{self.builder.info.full_name}:{split}')
+
+    key = dict(dataset=self.builder.info.full_name, split=split,
+               buckets=[dataclasses.astuple(b) for b in self.buckets],
+               tokens_per_second=self.max_tokens_per_second,
+               frames=[self.frames(b.max_samples) for b in self.buckets],
+               tokenizer=(tokenizer.serialize().hex()[:4096] if tokenizer is not None else None))
+    index = pipeline.cached_scan(self.index_dir, key, scan)
+    merged = self.skipped.setdefault(split, {})
+    for reason, count in index.skipped.items():
+      merged[reason] = max(merged.get(reason, 0), count)
+    return index
+
+  # -- batches -------------------------------------------------------------------------------
+  def collate(self, tokenizer, examples: list[dict], max_samples: int) -> dict[str, np.ndarray]:
+    """Pads audio to `max_samples` and labels to the bucket's label capacity."""
+    n = len(examples)
+    audio = np.zeros((n, max_samples), np.int16)
+    lengths = np.zeros((n,), np.int32)
+    for i, ex in enumerate(examples):
+      a = np.asarray(ex[self.spec.audio_key]).reshape(-1)
+      audio[i, :a.size] = a
+      lengths[i] = a.size
+    batch = {'audio': audio, 'audio_lengths': lengths}
+    if self.task == 'classification':
+      batch['labels'] = np.array([int(ex[self.spec.label_key]) for ex in examples], np.int32)
+      return batch
+    if tokenizer is None:  # evaluation scores transcripts, not labels
+      return batch
+    capacity = self.label_capacity(self.bucket_for(max_samples))
+    labels = np.zeros((n, capacity), np.int32)
+    for i, ex in enumerate(examples):
+      ids = tokenizer.encode(self.text(ex))[:capacity]
+      labels[i, :len(ids)] = ids
+    batch['labels'] = labels
+    batch['label_mask'] = labels > 0
+    return batch
+
+  def train_loader(self, tokenizer, *, split: str = 'train', seed: int,
+                   num_batches: int) -> pipeline.BatchLoader:
+    """Shuffled, bucketed training batches: this process's rows of each global batch."""
+    index = self.index(split, tokenizer if self.task == 'ctc' else None)
+    return pipeline.BatchLoader(
+        self.source(split), index, self.buckets, functools.partial(self.collate, tokenizer),
+        seed=seed, num_batches=num_batches, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_threads=self.num_threads)
+
+  def eval_batches(self, split: str, tokenizer=None):
+    """Every usable example of `split` once; padded rows have `weight` 0. Also returns the
+    transcripts of the real rows, in batch order, for scoring. Only unusable audio is skipped:
+    every model is scored on the same utterances, whatever its tokenizer."""
+    index = self.index(split)
+    return pipeline.eval_batches(self.source(split), index, self.buckets,
+                                 functools.partial(self.collate, tokenizer),
+                                 batch_size=self.eval_batch_size, text_fn=self.text)
+
+
+def ctc_length(ids: list[int]) -> int:
+  """Frames CTC needs for a label sequence: one per label, plus a blank between repeats."""
+  return len(ids) + sum(1 for a, b in zip(ids, ids[1:]) if a == b)

@@ -1,0 +1,213 @@
+"""The demo: pre-train a conformer on English, watch it fail on a new language, recover with TPA.
+
+Stages (each timed; `results.json`, `learning_curves.png` and the adapters land in the workdir):
+
+  prepare     synthesise the `source` and target corpora (TFDS, array_record), once
+  tokenizers  character vocabularies of each training split, cached
+  pretrain    train the whole model on `source` (cached: a second run restores the base)
+  evaluate    WER of the base on `source` and on the target
+  adapt       freeze the base; train TPA adapters + a new head on the target
+  evaluate    WER of the adapted model on the target; save the adapters
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import ml_collections
+from absl import logging
+from flax import nnx
+
+from tpa_jax import checkpoints, evaluation, models, sharding, training
+from tpa_jax.config import METHODS
+from tpa_jax.data import datasets
+
+STAGES = ('prepare', 'tokenizers', 'pretrain', 'evaluate_base', 'adapt', 'evaluate_adapted')
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict, *,
+                 dataset: str, vocab_size: int) -> ml_collections.ConfigDict:
+  """The run config of one training stage: the shared model/features/data fields, the stage's
+  method, steps and optimizer, and the dataset's vocabulary."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.data.name = dataset
+  c.head.vocab_size = vocab_size
+  method = config_method(stage.method)
+  c.adapter.placement = method['placement']
+  c.train.trainable = method['trainable']
+  if 'bottleneck' in stage:
+    c.adapter.bottleneck = stage.bottleneck
+  c.train.num_steps = stage.num_steps
+  c.optim.learning_rate = stage.learning_rate
+  c.optim.warmup_steps = stage.warmup_steps
+  return c
+
+
+def config_method(name: str) -> dict:
+  if name not in METHODS:
+    raise ValueError(f'demo method {name!r}: accepted methods are {tuple(METHODS)}')
+  return METHODS[name]
+
+
+def fingerprint(config: ml_collections.ConfigDict, tokenizer) -> str:
+  """What determines the pre-trained base: its config and its tokenizer."""
+  blob = json.dumps(config.to_dict(), sort_keys=True, default=str).encode()
+  return hashlib.sha256(blob + tokenizer.serialize()).hexdigest()[:16]
+
+
+class Clock:
+  """Wall seconds per stage."""
+
+  def __init__(self):
+    self.start = time.perf_counter()
+    self.seconds: dict[str, float] = {}
+    self._stage_start = self.start
+
+  def lap(self, stage: str) -> None:
+    now = time.perf_counter()
+    self.seconds[stage] = round(now - self._stage_start, 1)
+    self._stage_start = now
+
+  def total(self) -> dict[str, float]:
+    return {**self.seconds, 'total': round(time.perf_counter() - self.start, 1)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the demo; returns (and writes to `workdir/results.json`) its results."""
+  os.makedirs(workdir, exist_ok=True)
+  clock = Clock()
+  mesh = sharding.make_mesh(**config.mesh)
+  data_ways = mesh.shape['data'] * mesh.shape['fsdp']
+  frames = training.output_frames(config)
+  demo = config.demo
+
+  # -- prepare -----------------------------------------------------------------------------
+  def open_data(name):
+    c = ml_collections.ConfigDict(config.data.to_dict())
+    c.name = name
+    return datasets.SpeechData.open(c, workdir=workdir, task='ctc', frames=frames,
+                                    data_ways=data_ways)
+  source, target = open_data(demo.source), open_data(demo.target)
+  for data in (source, target):
+    logging.info('preparing %s (synthesised once, then read from disk)',
+                 data.builder.info.full_name)
+    data.prepare()
+  clock.lap('prepare')
+
+  token_dir = os.path.join(workdir, 'tokenizers')
+  source_tok = source.tokenizer(config.tokenizer, token_dir)
+  target_tok = target.tokenizer(config.tokenizer, token_dir)
+  clock.lap('tokenizers')
+  writer = training.MetricsWriter(workdir)
+
+  # -- pretrain (or restore the cached base) -------------------------------------------------
+  base_config = stage_config(config, demo.pretrain, dataset=demo.source,
+                             vocab_size=source_tok.vocab_size)
+  base_path = os.path.join(workdir, 'base')
+  key = fingerprint(base_config, source_tok)
+  meta = checkpoints.read_metadata(os.path.join(base_path, 'encoder'))
+  base = models.create_model(base_config, mesh)
+  if meta is not None and meta.get('fingerprint') == key:
+    logging.info('restoring the pre-trained base from %s (delete it to pre-train again)',
+                 base_path)
+    checkpoints.load_base(os.path.join(base_path, 'encoder'), base)
+    nnx.update(base.head, checkpoints.restore_state(os.path.join(base_path, 'head'),
+                                                    nnx.state(base.head)))
+    pretrain_curve, pretrained_now = meta['curve'], False
+  else:
+    trainer = training.make_trainer(base_config, mesh, base)
+    training.describe(trainer)
+    loader = source.train_loader(source_tok, seed=config.seed, num_batches=demo.pretrain.num_steps)
+    pretrain_curve = training.fit(trainer, iter(loader), num_steps=demo.pretrain.num_steps,
+                                  writer=writer, log_every=config.train.log_every_steps,
+                                  stage='pretrain')
+    base = trainer.model()
+    checkpoints.save_state(os.path.join(base_path, 'head'), nnx.state(base.head))
+    # The encoder is written last: its metadata marks a complete base.
+    checkpoints.save_state(os.path.join(base_path, 'encoder'), checkpoints.base_state(base),
+                           metadata={'fingerprint': key, 'curve': pretrain_curve,
+                                     'dataset': demo.source})
+    pretrained_now = True
+  clock.lap('pretrain')
+
+  # -- the base on source and target ---------------------------------------------------------
+  evaluator = evaluation.Evaluator('ctc', training.featurizer(config), mesh)
+  split = config.data.eval_split
+  source_eval = evaluator.evaluate(base, source.eval_batches(split, source_tok), source_tok)
+  before = evaluator.evaluate(base, target.eval_batches(split, source_tok), source_tok)
+  logging.info('base: source WER %.3f, target WER %.3f', source_eval['wer'], before['wer'])
+  clock.lap('evaluate_base')
+
+  # -- adapt: frozen base, TPA adapters + a new head on the target ---------------------------
+  adapt_config = stage_config(config, demo.adapt, dataset=demo.target,
+                              vocab_size=target_tok.vocab_size)
+  adapted = models.create_model(adapt_config, mesh)
+  checkpoints.load_base(os.path.join(base_path, 'encoder'), adapted)
+  trainer = training.make_trainer(adapt_config, mesh, adapted)
+  info = training.describe(trainer)
+  loader = target.train_loader(target_tok, seed=config.seed, num_batches=demo.adapt.num_steps)
+  adapt_curve = training.fit(trainer, iter(loader), num_steps=demo.adapt.num_steps,
+                             writer=writer, log_every=config.train.log_every_steps,
+                             stage='adapt')
+  clock.lap('adapt')
+
+  after = evaluator.evaluate(trainer.model(), target.eval_batches(split, target_tok), target_tok)
+  checkpoints.save_state(os.path.join(workdir, 'adapters'), trainer.state.trainable,
+                         metadata={'base_fingerprint': key, 'method': demo.adapt.method,
+                                   'dataset': demo.target})
+  clock.lap('evaluate_adapted')
+
+  results = {
+      'source_wer': source_eval['wer'], 'source_cer': source_eval['cer'],
+      'target_wer_before': before['wer'], 'target_cer_before': before['cer'],
+      'target_wer_after': after['wer'], 'target_cer_after': after['cer'],
+      'relative_wer_reduction': 1.0 - after['wer'] / max(before['wer'], 1e-9),
+      **info,
+      'pretrained_now': pretrained_now,
+      'seconds': clock.total(),
+      'examples': {'source': source_eval['examples'], 'target_before': before['examples'],
+                   'target_after': after['examples']},
+      'num_test_utterances': {'source': source_eval['num_utterances'],
+                              'target': after['num_utterances']},
+      'skipped_examples': {'source': source.skipped, 'target': target.skipped},
+      'curves': {'pretrain': pretrain_curve, 'adapt': adapt_curve},
+  }
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  plot_curves(results['curves'], os.path.join(workdir, 'learning_curves.png'))
+  print(table(results, demo))
+  return results
+
+
+def table(results: dict, demo) -> str:
+  s = results['seconds']
+  rows = [
+      ('base on source (English) test', f"WER {100 * results['source_wer']:5.1f}%"),
+      ('base on target test', f"WER {100 * results['target_wer_before']:5.1f}%"),
+      (f'{demo.adapt.method} on target test', f"WER {100 * results['target_wer_after']:5.1f}%"),
+      ('relative WER reduction', f"{100 * results['relative_wer_reduction']:5.1f}%"),
+      ('trainable parameters', f"{results['trainable_params']:,} of {results['total_params']:,}"
+                               f" ({100 * results['trainable_fraction']:.2f}%)"),
+  ]
+  rows += [(f'time: {k}', f'{v:7.1f} s') for k, v in s.items()]
+  width = max(len(r[0]) for r in rows)
+  return '\n'.join(['', 'tpa_jax demo', '-' * (width + 20)] +
+                   [f'{a:<{width}}  {b}' for a, b in rows] + [''])
+
+
+def plot_curves(curves: dict, path: str) -> None:
+  """Training loss per step of each stage, side by side."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5))
+  for ax, (name, curve) in zip(axes, curves.items()):
+    ax.plot([p['step'] for p in curve], [p['loss'] for p in curve])
+    ax.set(title=f'{name}: CTC loss per token', xlabel='step', yscale='log')
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
