@@ -289,3 +289,18 @@ def test_error_rates():
   assert evaluation.error_rates(['abc'], ['abc']) == {'wer': 0.0, 'cer': 0.0}
   with pytest.raises(ValueError, match='as many hypotheses'):
     evaluation.error_rates(['a'], [])
+
+
+def test_classification_batches_carry_the_language(corpus):
+  c = config_lib.base_config()
+  c.data.update(dict(name='synthetic_speech/unit', domains_file=corpus.domains_file,
+                     bucket_seconds=(2.0, 4.0), batch_seconds=8.0, eval_batch_size=4))
+  data = datasets.SpeechData.open(c.data, workdir=corpus.root, task='classification',
+                                  frames=lambda n: n // 640)
+  assert data.num_classes == 2
+  source = corpus.as_data_source(split='train')
+  loader = data.train_loader(None, seed=0, num_batches=4)
+  for step, batch in zip(range(4), loader):
+    rows = loader.local_indices(step)
+    assert batch['labels'].tolist() == [int(source[int(r)]['language']) for r in rows]
+    assert 'label_mask' not in batch
