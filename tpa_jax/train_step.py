@@ -165,6 +165,7 @@ class Trainer:
   def step(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
     """Runs one step on a host batch (this process's rows) or global arrays; updates
     `self.state`."""
+    self.check_batch(batch)
     batch = self.global_batch(batch)
     compiled = self.compile(batch)
     with jax.set_mesh(self.mesh):

@@ -177,9 +177,13 @@ class BatchLoader:
 
   def global_indices(self, step: int) -> np.ndarray:
     epoch, i = divmod(step, self.batches_per_epoch)
-    if epoch not in self._plans:
-      self._plans = {epoch: epoch_plan(self.index, self.buckets, seed=self.seed, epoch=epoch)}
-    return self._plans[epoch][i]
+    plans = self._plans  # reader threads may swap it; each works on its own reference
+    plan = plans.get(epoch)
+    if plan is None:
+      plan = epoch_plan(self.index, self.buckets, seed=self.seed, epoch=epoch)
+      # Keep this epoch and the one before (threads straddle an epoch boundary).
+      self._plans = {e: p for e, p in plans.items() if e == epoch - 1} | {epoch: plan}
+    return plan[i]
 
   def local_indices(self, step: int) -> np.ndarray:
     rows = self.global_indices(step)
