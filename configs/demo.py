@@ -34,7 +34,7 @@ def get_config(arg=None):
   d.target = 'synthetic_speech/target_lang'
   # Pre-training: every weight trains.
   d.pretrain = ml_collections.ConfigDict(dict(
-      method='full', num_steps=1100, learning_rate=3e-3, warmup_steps=100))
+      method='full', num_steps=1000, learning_rate=3e-3, warmup_steps=100))
   # Adaptation: the base is frozen; TPA adapters and a new CTC head train.
   d.adapt = ml_collections.ConfigDict(dict(
       method='tpa', bottleneck=32, num_steps=650, learning_rate=3e-3, warmup_steps=50))

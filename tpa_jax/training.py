@@ -119,7 +119,7 @@ def fit(trainer: train_step.Trainer, batches: Iterable[dict], *, num_steps: int,
   # devices; elsewhere the host runs ahead while the accelerator works.
   sync_each_step = jax.default_backend() == 'cpu' and trainer.mesh.size > 1
   iterator = iter(batches)
-  utterances, start = 0, time.perf_counter()
+  utterances, start, first_log, pace = 0, time.perf_counter(), None, 0.0
   for step in range(1, num_steps + 1):
     batch = next(iterator)
     utterances += len(batch['labels'])
@@ -137,10 +137,15 @@ def fit(trainer: train_step.Trainer, batches: Iterable[dict], *, num_steps: int,
         writer.write(step, {'stage': stage, **last})
       if on_log is not None:
         on_log(step, last)
+      # The ETA uses the pace since the first log line: the first steps include compilation.
+      if first_log is None:
+        first_log, pace = (step, elapsed), elapsed / step
+      elif step > first_log[0]:
+        pace = (elapsed - first_log[1]) / (step - first_log[0])
       logging.info('[%s] step %d/%d loss %.4f grad_norm %.3f lr %.2e | %.2f steps/s, '
                    'elapsed %s, ETA %s%s', stage, step, num_steps, last['loss'],
                    last['grad_norm'], last['learning_rate'], last['steps_per_second'],
-                   _duration(elapsed), _duration((num_steps - step) * elapsed / step),
+                   _duration(elapsed), _duration((num_steps - step) * pace),
                    f" | {last['skipped_steps']:.0f} non-finite steps skipped"
                    if last['skipped_steps'] else '')
   return curve
