@@ -238,16 +238,20 @@ def adapt_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if model not in MODEL_PRESETS:
     raise ValueError(f'model={model!r}: accepted presets are {tuple(MODEL_PRESETS)}')
   c.model.update_from_flattened_dict(_flatten(MODEL_PRESETS[model]))
-  method = args.get('method', 'tpa')
-  if method not in METHODS:
-    raise ValueError(f'method={method!r}: accepted methods are {tuple(METHODS)}')
-  c.adapter.placement = METHODS[method]['placement']
-  c.train.trainable = METHODS[method]['trainable']
+  apply_method(c, args.get('method', 'tpa'))
   if 'blocks' in args:
     c.adapter.blocks = args['blocks']
   if 'bottleneck' in args:
     c.adapter.bottleneck = int(args['bottleneck'])
   return c
+
+
+def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
+  """Sets the adapter placement and the trainable filter of `method` (a key of METHODS)."""
+  if method not in METHODS:
+    raise ValueError(f'method={method!r}: accepted methods are {tuple(METHODS)}')
+  c.adapter.placement = METHODS[method]['placement']
+  c.train.trainable = METHODS[method]['trainable']
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:

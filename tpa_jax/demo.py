@@ -22,11 +22,8 @@ from absl import logging
 from flax import nnx
 
 from tpa_jax import checkpoints, evaluation, models, sharding, training
-from tpa_jax.config import METHODS
+from tpa_jax import config as config_lib
 from tpa_jax.data import datasets
-
-STAGES = ('prepare', 'tokenizers', 'pretrain', 'evaluate_base', 'adapt', 'evaluate_adapted')
-
 
 def stage_config(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict, *,
                  dataset: str, vocab_size: int) -> ml_collections.ConfigDict:
@@ -35,21 +32,13 @@ def stage_config(config: ml_collections.ConfigDict, stage: ml_collections.Config
   c = ml_collections.ConfigDict(config.to_dict())
   c.data.name = dataset
   c.head.vocab_size = vocab_size
-  method = config_method(stage.method)
-  c.adapter.placement = method['placement']
-  c.train.trainable = method['trainable']
+  config_lib.apply_method(c, stage.method)
   if 'bottleneck' in stage:
     c.adapter.bottleneck = stage.bottleneck
   c.train.num_steps = stage.num_steps
   c.optim.learning_rate = stage.learning_rate
   c.optim.warmup_steps = stage.warmup_steps
   return c
-
-
-def config_method(name: str) -> dict:
-  if name not in METHODS:
-    raise ValueError(f'demo method {name!r}: accepted methods are {tuple(METHODS)}')
-  return METHODS[name]
 
 
 def fingerprint(config: ml_collections.ConfigDict, tokenizer) -> str:

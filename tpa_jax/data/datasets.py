@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 from typing import Callable
@@ -167,7 +168,8 @@ class SpeechData:
                buckets=[dataclasses.astuple(b) for b in self.buckets],
                tokens_per_second=self.max_tokens_per_second,
                frames=[self.frames(b.max_samples) for b in self.buckets],
-               tokenizer=(tokenizer.serialize().hex()[:4096] if tokenizer is not None else None))
+               tokenizer=(hashlib.sha256(tokenizer.serialize()).hexdigest()
+                          if tokenizer is not None else None))
     index = pipeline.cached_scan(self.index_dir, key, scan)
     merged = self.skipped.setdefault(split, {})
     for reason, count in index.skipped.items():

@@ -50,12 +50,6 @@ class Conv2dSubsampling(nnx.Module):
     self.out = Dense(channels * freq, dim, axes=(None, 'embed'), dtype=dtype,
                      param_dtype=param_dtype, rngs=rngs)
 
-  def output_frames(self, num_frames: int) -> int:
-    """Valid output frames for `num_frames` valid input frames."""
-    for _ in self.kernels:
-      num_frames = max((num_frames - self.kernel_size) // self.stride + 1, 0)
-    return num_frames
-
   def __call__(self, x_btf: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
     h = x_btf.astype(self.dtype)[..., None]
     n = lengths(mask_bt)
@@ -82,10 +76,6 @@ class StackedFrames(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = LayerNorm(stack * input_dim, axis_name=None, eps=eps, **kw)
     self.proj = Dense(stack * input_dim, dim, axes=(None, 'embed'), **kw)
-
-  def output_frames(self, num_frames: int) -> int:
-    """Valid output frames for `num_frames` valid input frames."""
-    return num_frames // self.stack
 
   def __call__(self, x_btf: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
     b, t, f = x_btf.shape
