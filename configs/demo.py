@@ -25,8 +25,12 @@ def get_config(arg=None):
   c.tokenizer.kind = 'chars'
   # Runs this short underfit rather than overfit, so SpecAugment (a regulariser) is off.
   c.features.spec_augment = False
+  # Closed-vocabulary decoding: the words of each domain's training transcripts, unigram LM.
+  c.decoding.kind = 'lexicon'
   c.data.bucket_seconds = (2.0, 3.0, 4.0, 5.0, 6.5)
-  c.data.batch_seconds = 32.0
+  # 16 s of audio per step: twice the updates of 32 s batches for the same audio (measured:
+  # 2000 x 16 s beat 1000 x 32 s, 41.6% vs 45.5% best-path source WER, for 20% more time).
+  c.data.batch_seconds = 16.0
   c.data.eval_batch_size = 64
 
   c.demo = d = ml_collections.ConfigDict()
@@ -34,7 +38,7 @@ def get_config(arg=None):
   d.target = 'synthetic_speech/target_lang'
   # Pre-training: every weight trains.
   d.pretrain = ml_collections.ConfigDict(dict(
-      method='full', num_steps=1000, learning_rate=3e-3, warmup_steps=100))
+      method='full', num_steps=2000, learning_rate=3e-3, warmup_steps=150))
   # Adaptation: the base is frozen; TPA adapters and a new CTC head train.
   d.adapt = ml_collections.ConfigDict(dict(
       method='tpa', bottleneck=32, num_steps=650, learning_rate=3e-3, warmup_steps=50))

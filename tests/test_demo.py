@@ -25,6 +25,11 @@ def test_tiny_demo_end_to_end_and_cached_base(tmp_path):
   for key in ('source_wer', 'target_wer_before', 'target_wer_after'):
     assert 0.0 <= results[key] < 5.0
   assert 0 < results['trainable_fraction'] < 0.15
+  # The demo decodes with the lexicon; best-path rates of the same outputs come alongside.
+  assert results['decoding'] == 'lexicon'
+  for name in ('source', 'target_before', 'target_after'):
+    assert 0.0 <= results['greedy'][name]['wer'] < 5.0
+  assert 'best path' in first.stdout
   stages = ('prepare', 'tokenizers', 'pretrain', 'evaluate_base', 'adapt', 'evaluate_adapted')
   assert set(results['seconds']) == set(stages) | {'total'}
   assert results['seconds']['total'] >= sum(results['seconds'][s] for s in stages) - 1.0

@@ -202,6 +202,18 @@ def base_config() -> ml_collections.ConfigDict:
   fe.max_time_fraction = 0.05
   fe.max_time_width = 40
 
+  c.decoding = dc = ml_collections.ConfigDict()
+  # CTC evaluation: 'greedy' (best path) or 'lexicon' (prefix beam search over the words of the
+  # training transcripts, each word scored by a unigram LM of them; host-side, in Python).
+  dc.kind = 'greedy'
+  # lexicon: score += alpha * log P(word) + beta per word; hypotheses kept per frame; tokens
+  # below this log-probability at a frame are not extended; add-k smoothing of word counts.
+  dc.alpha = 0.5
+  dc.beta = 1.0
+  dc.beam_width = 32
+  dc.token_min_log_prob = -8.0
+  dc.lm_smoothing = 0.5
+
   c.tokenizer = tk = ml_collections.ConfigDict()
   # 'chars' (the characters of the training transcripts) or 'sentencepiece' (trained on them);
   # cached in <workdir>/tokenizers. Sets head.vocab_size.

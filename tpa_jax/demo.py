@@ -21,7 +21,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from tpa_jax import checkpoints, evaluation, models, sharding, training
+from tpa_jax import checkpoints, decoding, evaluation, models, sharding, training
 from tpa_jax import config as config_lib
 from tpa_jax.data import datasets
 
@@ -125,8 +125,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # -- the base on source and target ---------------------------------------------------------
   evaluator = evaluation.Evaluator('ctc', training.featurizer(config), mesh)
   split = config.data.eval_split
-  source_eval = evaluator.evaluate(base, source.eval_batches(split, source_tok), source_tok)
-  before = evaluator.evaluate(base, target.eval_batches(split, source_tok), source_tok)
+  train_split = config.data.train_split
+
+  def decoder(data, tokenizer):  # the lexicon and word LM of the evaluated domain
+    return decoding.make_decoder(config.decoding, tokenizer,
+                                 lambda: data.texts(train_split))
+
+  source_eval = evaluator.evaluate(base, source.eval_batches(split, source_tok), source_tok,
+                                   decoder=decoder(source, source_tok))
+  before = evaluator.evaluate(base, target.eval_batches(split, source_tok), source_tok,
+                              decoder=decoder(target, source_tok))
   logging.info('base: source WER %.3f, target WER %.3f', source_eval['wer'], before['wer'])
   clock.lap('evaluate_base')
 
@@ -143,7 +151,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              stage='adapt')
   clock.lap('adapt')
 
-  after = evaluator.evaluate(trainer.model(), target.eval_batches(split, target_tok), target_tok)
+  after = evaluator.evaluate(trainer.model(), target.eval_batches(split, target_tok), target_tok,
+                             decoder=decoder(target, target_tok))
   checkpoints.save_state(os.path.join(workdir, 'adapters'), trainer.state.trainable,
                          metadata={'base_fingerprint': key, 'method': demo.adapt.method,
                                    'dataset': demo.target})
@@ -154,6 +163,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'target_wer_before': before['wer'], 'target_cer_before': before['cer'],
       'target_wer_after': after['wer'], 'target_cer_after': after['cer'],
       'relative_wer_reduction': 1.0 - after['wer'] / max(before['wer'], 1e-9),
+      'decoding': config.decoding.kind,
+      # Best-path decoding of the same outputs, for comparison (equal when decoding is greedy).
+      'greedy': {name: {'wer': r.get('greedy_wer', r['wer']), 'cer': r.get('greedy_cer', r['cer'])}
+                 for name, r in (('source', source_eval), ('target_before', before),
+                                 ('target_after', after))},
       **info,
       'pretrained_now': pretrained_now,
       'seconds': clock.total(),
@@ -172,19 +186,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def table(results: dict, demo) -> str:
-  s = results['seconds']
+  s, greedy = results['seconds'], results['greedy']
+
+  def wer(name, key):
+    text = f"WER {100 * results[key]:5.1f}%"
+    if results['decoding'] != 'greedy':
+      text += f"   (best path {100 * greedy[name]['wer']:5.1f}%)"
+    return text
+
   rows = [
-      ('base on source (English) test', f"WER {100 * results['source_wer']:5.1f}%"),
-      ('base on target test', f"WER {100 * results['target_wer_before']:5.1f}%"),
-      (f'{demo.adapt.method} on target test', f"WER {100 * results['target_wer_after']:5.1f}%"),
+      ('decoding', results['decoding']),
+      ('base on source (English) test', wer('source', 'source_wer')),
+      ('base on target test', wer('target_before', 'target_wer_before')),
+      (f'{demo.adapt.method} on target test', wer('target_after', 'target_wer_after')),
       ('relative WER reduction', f"{100 * results['relative_wer_reduction']:5.1f}%"),
       ('trainable parameters', f"{results['trainable_params']:,} of {results['total_params']:,}"
                                f" ({100 * results['trainable_fraction']:.2f}%)"),
   ]
   rows += [(f'time: {k}', f'{v:7.1f} s') for k, v in s.items()]
   width = max(len(r[0]) for r in rows)
-  return '\n'.join(['', 'tpa_jax demo', '-' * (width + 20)] +
-                   [f'{a:<{width}}  {b}' for a, b in rows] + [''])
+  return '\n'.join(['', 'tpa_jax demo', '-' * (width + 36)] +
+                    [f'{a:<{width}}  {b}' for a, b in rows] + [''])
 
 
 def plot_curves(curves: dict, path: str) -> None:

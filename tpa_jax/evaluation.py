@@ -1,4 +1,4 @@
-"""Evaluation: greedy CTC decoding, WER/CER (jiwer) and classification accuracy."""
+"""Evaluation: CTC decoding (best path, or a lexicon decoder), WER/CER (jiwer), accuracy."""
 
 from __future__ import annotations
 
@@ -10,20 +10,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tpa_jax import sharding
+from tpa_jax import decoding, sharding
 from tpa_jax.features import Featurizer
 from tpa_jax.train_step import batch_inputs, batch_shardings
 
 
 def greedy_ctc(ids_bt: np.ndarray, mask_bt: np.ndarray, blank_id: int = 0) -> list[list[int]]:
-  """Best-path decoding: per-frame argmax ids -> merge repeats -> drop blanks (valid frames only)."""
-  out = []
-  for ids, mask in zip(np.asarray(ids_bt), np.asarray(mask_bt)):
-    ids = ids[mask.astype(bool)]
-    keep = np.ones(ids.shape, bool)
-    keep[1:] = ids[1:] != ids[:-1]
-    out.append([int(i) for i in ids[keep & (ids != blank_id)]])
-  return out
+  """Best-path decoding of a batch of per-frame argmax ids [B, T] (valid frames only)."""
+  return [decoding.collapse(ids[mask.astype(bool)], blank_id)
+          for ids, mask in zip(np.asarray(ids_bt), np.asarray(mask_bt))]
 
 
 def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
@@ -51,14 +46,17 @@ class Evaluator:
         model = nnx.merge(graphdef, state)
         features, mask = batch_inputs(batch, self.featurizer)
         logits, out_mask = model(features, mask)
-      return jnp.argmax(logits, -1), out_mask
+      if self.task == 'classification':
+        return jnp.argmax(logits, -1), out_mask
+      return jax.nn.log_softmax(logits.astype(jnp.float32), -1), out_mask
 
     # Replicated outputs: every process reads whole predictions (multi-host evaluation).
     self._predict = jax.jit(predict, static_argnums=0,
                             out_shardings=NamedSharding(mesh, P()))
 
   def predictions(self, model: nnx.Module, batches: Iterable[tuple[dict, list]]):
-    """(argmax ids, output mask, references) per batch, padded rows removed."""
+    """(outputs, output mask, references) per batch, padded rows removed. Outputs are class ids
+    [B] for classification and log-probabilities [B, T, V] for CTC."""
     graphdef, state = nnx.split(model)
     for batch, refs in batches:
       n = int(batch['weight'].sum())
@@ -69,23 +67,33 @@ class Evaluator:
         arrays = {k: jax.make_array_from_callback(v.shape, shardings[k],
                                                   lambda index, v=v: v[index])
                   for k, v in batch.items()}
-        ids, mask = self._predict(graphdef, state, arrays)
-      ids, mask = jax.device_get((ids, mask))
-      yield ids[:n], mask[:n], (refs[:n] if refs is not None else batch['labels'][:n])
+        outputs, mask = self._predict(graphdef, state, arrays)
+      outputs, mask = jax.device_get((outputs, mask))
+      yield outputs[:n], mask[:n], (refs[:n] if refs is not None else batch['labels'][:n])
 
-  def evaluate(self, model: nnx.Module, batches, tokenizer=None, *,
+  def evaluate(self, model: nnx.Module, batches, tokenizer=None, *, decoder=None,
                num_examples: int = 3) -> dict:
-    """CTC: {'wer', 'cer', 'num_utterances', 'examples'}; classification: {'accuracy', ...}."""
+    """CTC: {'wer', 'cer', 'num_utterances', 'examples'} from `decoder` (a
+    `decoding.LexiconDecoder`) or, without one, from best-path decoding; with a decoder the
+    best-path rates are also given, as 'greedy_wer' and 'greedy_cer'.
+    Classification: {'accuracy', 'num_utterances'}."""
     if self.task == 'classification':
       correct = total = 0
       for ids, _, labels in self.predictions(model, batches):
         correct += int((ids == np.asarray(labels)).sum())
         total += len(labels)
       return {'accuracy': correct / max(total, 1), 'num_utterances': total}
-    refs, hyps = [], []
-    for ids, mask, texts in self.predictions(model, batches):
-      hyps += [tokenizer.decode(seq) for seq in greedy_ctc(ids, mask)]
+    refs, greedy, decoded = [], [], []
+    for log_probs, mask, texts in self.predictions(model, batches):
+      for lp, m in zip(log_probs, mask.astype(bool)):
+        greedy.append(tokenizer.decode(decoding.best_path(lp[m])))
+        if decoder is not None:
+          decoded.append(decoder.decode(lp[m]))
       refs += list(texts)
-    return {**error_rates(refs, hyps), 'num_utterances': len(refs),
-            'examples': [{'reference': r, 'hypothesis': h}
-                         for r, h in zip(refs[:num_examples], hyps[:num_examples])]}
+    hyps = decoded if decoder is not None else greedy
+    out = {**error_rates(refs, hyps), 'num_utterances': len(refs),
+           'examples': [{'reference': r, 'hypothesis': h}
+                        for r, h in zip(refs[:num_examples], hyps[:num_examples])]}
+    if decoder is not None:
+      out.update({f'greedy_{k}': v for k, v in error_rates(refs, greedy).items()})
+    return out

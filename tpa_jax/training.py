@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tpa_jax import evaluation, features, models, optim, partition, sharding, synthetic
+from tpa_jax import decoding, evaluation, features, models, optim, partition, sharding, synthetic
 from tpa_jax import train_step
 
 
@@ -194,8 +194,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {**curve[-1], **info}
   if data is not None:
     evaluator = evaluation.Evaluator(config.head.kind, trainer.featurizer, mesh)
+    decoder = None
+    if config.head.kind == 'ctc':
+      decoder = decoding.make_decoder(config.decoding, tokenizer,
+                                      lambda: data.texts(config.data.train_split))
     results['eval'] = evaluator.evaluate(
-        trainer.model(), data.eval_batches(config.data.eval_split, tokenizer), tokenizer)
+        trainer.model(), data.eval_batches(config.data.eval_split, tokenizer), tokenizer,
+        decoder=decoder)
     logging.info('evaluation on %s: %s', config.data.eval_split, results['eval'])
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)

@@ -24,6 +24,8 @@ class Tokenizer(Protocol):
 
   def decode(self, ids: Sequence[int]) -> str: ...
 
+  def token_texts(self) -> list[str]: ...
+
 
 class CharTokenizer:
   """One token per character of `alphabet` (id = position + 1); unknown characters are dropped."""
@@ -44,6 +46,10 @@ class CharTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return ''.join(self.alphabet[i - 1] for i in ids if 0 < i <= len(self.alphabet))
+
+  def token_texts(self) -> list[str]:
+    """The text of each id (the blank, id 0, is '')."""
+    return [''] + list(self.alphabet)
 
   def serialize(self) -> bytes:
     return ('chars:' + self.alphabet).encode('utf-8')
@@ -79,6 +85,11 @@ class SentencePieceTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids if i > 0])
+
+  def token_texts(self) -> list[str]:
+    """The text of each id, a word-initial piece starting with ' ' (the blank, id 0, is '')."""
+    return [''] + [self._sp.id_to_piece(i).replace('\u2581', ' ')
+                   for i in range(1, self.vocab_size)]
 
   def serialize(self) -> bytes:
     return self._proto
