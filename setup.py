@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     'sentencepiece==0.2.3',
     'ml-collections==1.1.0',
     'absl-py==2.5.1',
+    'safetensors==0.8.0',  # adapter exports and serving bundles
     'numpy',
 ]
 

@@ -36,13 +36,16 @@ def test_tiny_demo_end_to_end_and_cached_base(tmp_path):
   assert results['pretrained_now'] is True
   # Progress with an ETA while training, and the table at the end.
   assert 'ETA' in first.stderr and 'relative WER reduction' in first.stdout
-  for name in ('learning_curves.png', 'metrics.jsonl', 'adapters', 'base/encoder', 'base/head'):
+  steps = results['curves']['adapt'][-1]['step']
+  adapt_run = tmp_path / 'adapt' / 'checkpoints' / str(steps)
+  for name in ('learning_curves.png', 'metrics.jsonl', 'base/encoder', 'base/head',
+               adapt_run / 'commit_success.txt'):
     assert os.path.exists(tmp_path / name), name
   stages_logged = {json.loads(line)['stage'] for line in open(tmp_path / 'metrics.jsonl')}
   assert stages_logged == {'pretrain', 'adapt'}
-  adapters = json.load(open(tmp_path / 'adapters.json'))
-  base = json.load(open(tmp_path / 'base' / 'encoder.json'))
-  assert adapters['base_fingerprint'] == base['fingerprint']
+  run = json.load(open(adapt_run / 'run' / 'metadata'))
+  assert run['config']['base']['path'] == str(tmp_path / 'base' / 'encoder')
+  assert run['adapter']['placement'] == 'ff_parallel'
 
   # Second run: the corpus and the base are reused; the restored base scores exactly the same.
   _, again = run_demo(tmp_path)
@@ -50,5 +53,8 @@ def test_tiny_demo_end_to_end_and_cached_base(tmp_path):
   assert again['seconds']['pretrain'] < results['seconds']['pretrain']
   assert again['source_wer'] == results['source_wer']
   assert again['target_wer_before'] == results['target_wer_before']
+  # The restored base has the fingerprint the adapters were trained on.
+  assert (json.load(open(adapt_run / 'run' / 'metadata'))['base_fingerprint']
+          == run['base_fingerprint'])
   np.testing.assert_allclose(again['curves']['pretrain'][-1]['loss'],
                              results['curves']['pretrain'][-1]['loss'])

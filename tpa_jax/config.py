@@ -150,6 +150,19 @@ def base_config() -> ml_collections.ConfigDict:
   # Global-norm gradient clipping (0 disables).
   o.clip_norm = 1.0
 
+  c.base = b = ml_collections.ConfigDict()
+  # A base checkpoint (the frozen encoder, as `checkpoints.save_state` writes it) to adapt; ''
+  # initialises the encoder from `seed` (smoke runs and tests).
+  b.path = ''
+
+  c.checkpoint = ck = ml_collections.ConfigDict()
+  # Save every this many steps (and at the last step, and on SIGTERM) to <workdir>/checkpoints.
+  ck.every_steps = 100
+  # Newest committed steps kept.
+  ck.keep = 3
+  # Write in a background thread (arrays are copied off the devices first).
+  ck.async_save = True
+
   c.mesh = ms = ml_collections.ConfigDict()
   # Mesh axis sizes; one may be -1 to take the remaining devices.
   ms.data = -1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import ml_collections
@@ -141,21 +142,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # -- adapt: frozen base, TPA adapters + a new head on the target ---------------------------
   adapt_config = stage_config(config, demo.adapt, dataset=demo.target,
                               vocab_size=target_tok.vocab_size)
+  adapt_config.base.path = os.path.join(base_path, 'encoder')
   adapted = models.create_model(adapt_config, mesh)
-  checkpoints.load_base(os.path.join(base_path, 'encoder'), adapted)
+  checkpoints.load_base(adapt_config.base.path, adapted)
+  base_fingerprint = checkpoints.base_fingerprint(adapt_config.model, adapted)
   trainer = training.make_trainer(adapt_config, mesh, adapted)
   info = training.describe(trainer)
-  loader = target.train_loader(target_tok, seed=config.seed, num_batches=demo.adapt.num_steps)
-  adapt_curve = training.fit(trainer, iter(loader), num_steps=demo.adapt.num_steps,
+  loader = iter(target.train_loader(target_tok, seed=config.seed,
+                                    num_batches=demo.adapt.num_steps))
+  adapt_curve = training.fit(trainer, loader, num_steps=demo.adapt.num_steps,
                              writer=writer, log_every=config.train.log_every_steps,
                              stage='adapt')
+  # A run checkpoint like launch/train.py's: `launch/export.py --workdir=<workdir>/adapt`.
+  adapt_dir = os.path.join(workdir, 'adapt', 'checkpoints')
+  shutil.rmtree(adapt_dir, ignore_errors=True)  # this run's adaptation replaces the last one
+  run_checkpoints = checkpoints.RunCheckpointer(adapt_dir, keep=1, async_save=False)
+  run_checkpoints.save(demo.adapt.num_steps, trainer.state, data_state=loader.get_state(),
+                       run_info=training.run_info(adapt_config, base_fingerprint))
+  run_checkpoints.close()
   clock.lap('adapt')
 
   after = evaluator.evaluate(trainer.model(), target.eval_batches(split, target_tok), target_tok,
                              decoder=decoder(target, target_tok))
-  checkpoints.save_state(os.path.join(workdir, 'adapters'), trainer.state.trainable,
-                         metadata={'base_fingerprint': key, 'method': demo.adapt.method,
-                                   'dataset': demo.target})
   clock.lap('evaluate_adapted')
 
   results = {

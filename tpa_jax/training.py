@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging as std_logging
 import os
+import signal
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tpa_jax import decoding, evaluation, features, models, optim, partition, sharding, synthetic
+from tpa_jax import checkpoints, decoding, evaluation, features, models, optim, partition, sharding, synthetic
 from tpa_jax import train_step
 
 
@@ -38,17 +39,32 @@ def quiet_library_logs() -> None:
       handler.addFilter(_LibraryInfoFilter())
 
 
-def random_batches(config: ml_collections.ConfigDict, seed: int) -> Iterator[dict]:
-  """The synthetic learnable task of `tpa_jax.synthetic`, shaped by `config.data`."""
-  rng = np.random.default_rng(seed)
-  kw = dict(batch_size=config.train.batch_size, num_frames=config.data.num_frames,
-            input_dim=config.model.frontend.input_dim)
-  while True:
-    if config.head.kind == 'ctc':
-      yield synthetic.ctc_batch(rng, vocab_size=config.head.vocab_size,
-                                num_labels=config.data.num_labels, **kw)
-    else:
-      yield synthetic.classification_batch(rng, num_classes=config.head.num_classes, **kw)
+class RandomBatches:
+  """The synthetic learnable task of `tpa_jax.synthetic`, shaped by `config.data`: batch `s` is
+  a function of (seed, s) alone, so the position (`get_state`) is the next batch's index."""
+
+  def __init__(self, config: ml_collections.ConfigDict, seed: int):
+    self.config, self.seed, self.next_index = config, seed, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    c = self.config
+    rng = np.random.default_rng([self.seed, self.next_index])
+    self.next_index += 1
+    kw = dict(batch_size=c.train.batch_size, num_frames=c.data.num_frames,
+              input_dim=c.model.frontend.input_dim)
+    if c.head.kind == 'ctc':
+      return synthetic.ctc_batch(rng, vocab_size=c.head.vocab_size,
+                                 num_labels=c.data.num_labels, **kw)
+    return synthetic.classification_batch(rng, num_classes=c.head.num_classes, **kw)
+
+  def get_state(self) -> dict:
+    return {'next_index': self.next_index}
+
+  def set_state(self, state: dict) -> None:
+    self.next_index = int(state['next_index'])
 
 
 def featurizer(config: ml_collections.ConfigDict) -> features.Featurizer:
@@ -102,6 +118,22 @@ class MetricsWriter:
     with open(self.path, 'a') as f:
       f.write(json.dumps({'step': step, **metrics}) + '\n')
 
+  def truncate_after(self, step: int) -> None:
+    """Drops records of steps after `step` (a resumed run logs them again)."""
+    if not os.path.exists(self.path):
+      return
+    lines = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          if json.loads(line)['step'] <= step:
+            lines.append(line)
+        except (json.JSONDecodeError, KeyError):  # a line torn by a killed run
+          continue
+    with open(self.path + '.tmp', 'w') as f:
+      f.writelines(lines)
+    os.replace(self.path + '.tmp', self.path)
+
 
 def _duration(seconds: float) -> str:
   m, s = divmod(int(round(seconds)), 60)
@@ -110,9 +142,11 @@ def _duration(seconds: float) -> str:
 
 def fit(trainer: train_step.Trainer, batches: Iterable[dict], *, num_steps: int,
         writer: MetricsWriter | None = None, log_every: int = 10, stage: str = 'train',
-        on_log: Callable[[int, dict], None] | None = None) -> list[dict]:
-  """Runs `num_steps` steps over `batches`; logs loss, throughput and an ETA every `log_every`
-  steps. Returns the logged metrics (the learning curve)."""
+        on_log: Callable[[int, dict], None] | None = None, start_step: int = 0,
+        after_step: Callable[[int], bool] | None = None) -> list[dict]:
+  """Runs steps `start_step + 1 .. num_steps` over `batches`; logs loss, throughput and an ETA
+  every `log_every` steps. `after_step(step)` runs after each step; True stops the loop there.
+  Returns the logged metrics (the learning curve)."""
   curve, every = [], max(log_every, 1)
   skipped = jnp.zeros((), jnp.float32)  # non-finite steps, counted on device without a sync
   # Asynchronously dispatched sharded steps can deadlock in the collectives of simulated CPU
@@ -120,7 +154,7 @@ def fit(trainer: train_step.Trainer, batches: Iterable[dict], *, num_steps: int,
   sync_each_step = jax.default_backend() == 'cpu' and trainer.mesh.size > 1
   iterator = iter(batches)
   utterances, start, first_log, pace = 0, time.perf_counter(), None, 0.0
-  for step in range(1, num_steps + 1):
+  for step in range(start_step + 1, num_steps + 1):
     batch = next(iterator)
     utterances += len(batch['labels'])
     metrics = trainer.step(batch)
@@ -130,7 +164,8 @@ def fit(trainer: train_step.Trainer, batches: Iterable[dict], *, num_steps: int,
     if step % every == 0 or step == num_steps:
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
       elapsed = time.perf_counter() - start
-      last.update(skipped_steps=float(skipped), steps_per_second=step / elapsed,
+      done = step - start_step
+      last.update(skipped_steps=float(skipped), steps_per_second=done / elapsed,
                   utterances_per_second=utterances / elapsed, elapsed_seconds=elapsed)
       curve.append({'step': step, **last})
       if writer is not None:
@@ -139,7 +174,7 @@ def fit(trainer: train_step.Trainer, batches: Iterable[dict], *, num_steps: int,
         on_log(step, last)
       # The ETA uses the pace since the first log line: the first steps include compilation.
       if first_log is None:
-        first_log, pace = (step, elapsed), elapsed / step
+        first_log, pace = (step, elapsed), elapsed / done
       elif step > first_log[0]:
         pace = (elapsed - first_log[1]) / (step - first_log[0])
       logging.info('[%s] step %d/%d loss %.4f grad_norm %.3f lr %.2e | %.2f steps/s, '
@@ -148,6 +183,9 @@ def fit(trainer: train_step.Trainer, batches: Iterable[dict], *, num_steps: int,
                    _duration(elapsed), _duration((num_steps - step) * pace),
                    f" | {last['skipped_steps']:.0f} non-finite steps skipped"
                    if last['skipped_steps'] else '')
+    # After the step's log line, so a checkpoint never holds a step whose metrics are lost.
+    if after_step is not None and after_step(step):
+      break
   return curve
 
 
@@ -161,38 +199,109 @@ def describe(trainer: train_step.Trainer) -> dict:
               trainable_fraction=n_train / n_total)
 
 
+class Preemption:
+  """Notes SIGTERM (what a TPU VM maintenance event sends) so the loop can save at the next
+  step boundary and exit; restores the previous handler on exit."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning('SIGTERM: saving at the end of this step, then exiting')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def run_info(config: ml_collections.ConfigDict, fingerprint: dict) -> dict:
+  """What a run checkpoint records besides arrays: the config, adapter fields and base."""
+  return {'config': json.loads(config.to_json_best_effort()), 'base_fingerprint': fingerprint,
+          'adapter': {k: config.adapter[k] for k in checkpoints.ADAPTER_FIELDS},
+          'method': {'placement': config.adapter.placement, 'trainable': config.train.trainable}}
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains for `config.train.num_steps` steps; returns the last logged metrics (with the
-  evaluation of `data.eval_split` for speech data)."""
+  """Trains to `config.train.num_steps`, resuming from the newest committed checkpoint in
+  `workdir/checkpoints`, saving every `config.checkpoint.every_steps` steps, at the end, and at
+  the step boundary after a SIGTERM. Returns the last logged metrics (with the evaluation of
+  `data.eval_split` for speech data, once the run is complete)."""
+  with Preemption() as preemption:
+    return _train(config, checkpoints.check_workdir(workdir), preemption)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preemption) -> dict:
   mesh = sharding.make_mesh(**config.mesh)
-  writer = MetricsWriter(workdir)
-  if config.data.name == 'random':
-    trainer = make_trainer(config, mesh)
-    info = describe(trainer)
-    batches, data, tokenizer = random_batches(config, config.seed), None, None
-  else:
+  data = tokenizer = None
+  if config.data.name != 'random':
     # Imported here: the speech pipeline needs TFDS (and the `speech` extra for the corpus).
     from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
     data = datasets.SpeechData.open(
         config.data, workdir=workdir, task=config.head.kind, frames=output_frames(config),
         data_ways=mesh.shape['data'] * mesh.shape['fsdp'])
     data.prepare()
-    tokenizer = None
     with config.unlocked():
       if config.head.kind == 'ctc':
         tokenizer = data.tokenizer(config.tokenizer, os.path.join(workdir, 'tokenizers'))
         config.head.vocab_size = tokenizer.vocab_size
       else:
         config.head.num_classes = data.num_classes
-    trainer = make_trainer(config, mesh)
-    info = describe(trainer)
-    loader = data.train_loader(tokenizer, split=config.data.train_split, seed=config.seed,
-                               num_batches=config.train.num_steps)
-    batches = iter(loader)
-  curve = fit(trainer, batches, num_steps=config.train.num_steps, writer=writer,
-              log_every=config.train.log_every_steps)
-  results = {**curve[-1], **info}
-  if data is not None:
+
+  model = models.create_model(config, mesh)
+  if config.base.path:
+    checkpoints.load_base(config.base.path, model)
+  fingerprint = checkpoints.base_fingerprint(config.model, model)
+  trainer = make_trainer(config, mesh, model)
+  del model
+  info = describe(trainer)
+  num_steps = config.train.num_steps
+  if data is None:
+    batches = RandomBatches(config, config.seed)
+  else:
+    batches = iter(data.train_loader(tokenizer, split=config.data.train_split,
+                                     seed=config.seed, num_batches=num_steps))
+
+  every = config.checkpoint.every_steps
+  if every < 1:
+    raise ValueError(f'checkpoint.every_steps must be >= 1, got {every}')
+  ckpt = checkpoints.RunCheckpointer(os.path.join(workdir, 'checkpoints'),
+                                     keep=config.checkpoint.keep,
+                                     async_save=config.checkpoint.async_save)
+  adapter = {k: config.adapter[k] for k in checkpoints.ADAPTER_FIELDS}
+  try:
+    restored = ckpt.restore_latest(
+        trainer.state, check=lambda info: checkpoints.check_compatible(
+            info, fingerprint=fingerprint, adapter=adapter))
+    start = 0
+    if restored is not None:
+      start, trainer.state, data_state, _ = restored
+      batches.set_state(data_state)
+      logging.info('resumed from step %d of %s', start, ckpt.directory)
+    writer = MetricsWriter(workdir)
+    writer.truncate_after(start)  # steps after the checkpoint are run again
+    record = run_info(config, fingerprint)
+
+    def after_step(step: int) -> bool:
+      if step % every == 0 or step == num_steps or preemption.requested:
+        ckpt.save(step, trainer.state, data_state=batches.get_state(), run_info=record)
+      return preemption.requested
+
+    curve = fit(trainer, batches, num_steps=num_steps, writer=writer,
+                log_every=config.train.log_every_steps, start_step=start,
+                after_step=after_step)
+  finally:
+    ckpt.close()
+  step = int(jax.device_get(trainer.state.step))
+  results = {**(curve[-1] if curve else {'step': step}), **info, 'step': step,
+             'base_fingerprint': fingerprint['id'], 'preempted': preemption.requested}
+  if preemption.requested:
+    logging.warning('preempted: step %d is saved in %s; relaunch to resume', step,
+                    ckpt.directory)
+  elif data is not None:
     evaluator = evaluation.Evaluator(config.head.kind, trainer.featurizer, mesh)
     decoder = None
     if config.head.kind == 'ctc':

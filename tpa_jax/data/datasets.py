@@ -84,6 +84,7 @@ class SpeechData:
   frames: Callable[[int], int]  # samples -> encoder output frames
   # split -> {reason: count} of the examples skipped by the indexes built so far.
   skipped: dict = dataclasses.field(default_factory=dict)
+  _texts: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @classmethod
   def open(cls, data_config, *, workdir: str, task: str, frames: Callable[[int], int],
@@ -118,8 +119,11 @@ class SpeechData:
     return self.builder.as_data_source(split=split)
 
   def texts(self, split: str) -> list[str]:
-    source = self.source(split)
-    return [self.text(source[i]) for i in range(len(source))]
+    """Every transcript of `split`, in order (read once: tokenizers and decoders share it)."""
+    if split not in self._texts:
+      source = self.source(split)
+      self._texts[split] = [self.text(source[i]) for i in range(len(source))]
+    return self._texts[split]
 
   @property
   def num_classes(self) -> int:

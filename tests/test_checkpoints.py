@@ -1,0 +1,284 @@
+"""Checkpoints: bases across meshes, fingerprints, and run checkpoints that resume exactly."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from conftest import tiny_config
+from tpa_jax import checkpoints, models, sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS, EVERY = 24, 4
+
+
+# -- bases ----------------------------------------------------------------------------------------
+
+def test_base_restores_into_another_mesh_without_gathering(tmp_path):
+  config = tiny_config('tpa')
+  data4 = sharding.make_mesh(data=4, fsdp=1, tensor=1)
+  saved = models.create_model(config, data4)
+  checkpoints.save_state(str(tmp_path / 'base'), checkpoints.base_state(saved))
+
+  fsdp_tensor = sharding.make_mesh(data=1, fsdp=2, tensor=2)
+  config.seed = 1  # different initial weights, to be overwritten
+  loaded = models.create_model(config, fsdp_tensor)
+  target = checkpoints.base_state(loaded)
+  before = jax.tree.map(lambda x: x.sharding, target)
+  checkpoints.load_base(str(tmp_path / 'base'), loaded)
+  after = checkpoints.base_state(loaded)
+  for a, b in zip(jax.tree.leaves(checkpoints.base_state(saved)), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Restored straight into the new mesh's shardings, some of them split over fsdp x tensor.
+  assert jax.tree.map(lambda x: x.sharding, after) == before
+  assert any(x.sharding.mesh.shape == fsdp_tensor.shape and not x.is_fully_replicated
+             for x in jax.tree.leaves(after))
+  # The fingerprint depends on the weights, not on how they are laid out.
+  assert (checkpoints.weights_digest(checkpoints.base_state(saved))
+          == checkpoints.weights_digest(after))
+
+
+def test_weights_digest_sees_one_changed_or_moved_value(mesh22):
+  model = models.create_model(tiny_config('tpa'), mesh22)
+  state = checkpoints.base_state(model)
+  digest = checkpoints.weights_digest(state)
+  flat = nnx.to_flat_state(state)
+  path, var = next((p, v) for p, v in flat  # (a random matrix: two different neighbours)
+                   if v[...].ndim == 2 and v[...][0, 0] != v[...][0, 1])
+  original = var[...]
+  changed = original.at[0, 0].set(np.nextafter(original[0, 0], np.float32(np.inf)))
+  var.set_value(changed)
+  assert checkpoints.weights_digest(state) != digest, path
+  swapped = original.at[0, 0].set(original[0, 1]).at[0, 1].set(original[0, 0])
+  var.set_value(swapped)
+  assert checkpoints.weights_digest(state) != digest
+  var.set_value(original)
+  assert checkpoints.weights_digest(state) == digest
+
+
+# -- run checkpoints through launch/train.py ------------------------------------------------------
+
+def launch(workdir, *overrides, wait=True):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  args = [sys.executable, 'launch/train.py', '--config=configs/tiny.py', f'--workdir={workdir}',
+          f'--config.train.num_steps={NUM_STEPS}', f'--config.checkpoint.every_steps={EVERY}',
+          '--config.train.log_every_steps=2', '--config.mesh.data=2', '--config.mesh.fsdp=2',
+          *overrides]
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  if not wait:
+    return proc
+  out, err = proc.communicate(timeout=300)
+  return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def committed(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(s) for s in os.listdir(d)
+                if s.isdigit() and os.path.exists(os.path.join(d, s, 'commit_success.txt')))
+
+
+def final_state(workdir, step=NUM_STEPS):
+  with ocp.StandardCheckpointer() as c:
+    restored = c.restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+  return dict(jax.tree_util.tree_flatten_with_path(restored)[0])
+
+
+def assert_bit_identical(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]),
+                                  err_msg=jax.tree_util.keystr(key))
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  result = launch(workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_uninterrupted_run_saves_the_adapter_state_with_its_run(uninterrupted):
+  steps = committed(uninterrupted)
+  assert steps == [NUM_STEPS - 2 * EVERY, NUM_STEPS - EVERY, NUM_STEPS]  # keep=3
+  state = final_state(uninterrupted)
+  names = {jax.tree_util.keystr(k) for k in state}
+  assert any('adapter' in n for n in names) and any('head' in n for n in names)
+  # Adapter-only: no frozen encoder weight is in the run checkpoint.
+  assert not any('adapter' not in n and 'head' not in n and "'trainable'" in n for n in names)
+  assert int(np.asarray(state[next(k for k in state if "'step'" in jax.tree_util.keystr(k))])) \
+      == NUM_STEPS
+  step_dir = os.path.join(uninterrupted, 'checkpoints', str(NUM_STEPS))
+  run = json.load(open(os.path.join(step_dir, 'run', 'metadata')))
+  assert run['adapter'] == {'placement': 'ff_parallel', 'blocks': 'all', 'bottleneck': 64}
+  assert run['config']['train']['num_steps'] == NUM_STEPS
+  assert len(run['base_fingerprint']['id']) == 16
+  assert json.load(open(os.path.join(step_dir, 'data', 'metadata'))) == {'next_index': NUM_STEPS}
+
+
+def logged_steps(workdir):
+  try:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      return [json.loads(line)['step'] for line in f if line.endswith('\n')]
+  except FileNotFoundError:
+    return []
+
+
+def test_sigkill_at_a_random_step_then_relaunch_is_bit_identical(uninterrupted, tmp_path):
+  seed = int(time.time())
+  kill_at = random.Random(seed).randrange(EVERY + 1, NUM_STEPS - 2 * EVERY)
+  proc = launch(tmp_path, wait=False)
+  deadline = time.time() + 240
+  while not logged_steps(tmp_path) or max(logged_steps(tmp_path)) < kill_at:
+    assert proc.poll() is None and time.time() < deadline, f'seed {seed}: run ended early'
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = committed(tmp_path)  # (a save still in flight at the kill does not count)
+  assert not killed_at or max(killed_at) < NUM_STEPS, f'seed {seed}: killed too late'
+
+  result = launch(tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  if killed_at:
+    assert f'resumed from step {max(killed_at)}' in result.stderr, f'seed {seed}'
+  assert 'moved step folder' not in result.stderr  # only committed steps existed
+  assert_bit_identical(final_state(uninterrupted), final_state(tmp_path))
+  # The metrics log has each step once, in order.
+  steps = [json.loads(line)['step'] for line in open(tmp_path / 'metrics.jsonl')]
+  assert steps == list(range(2, NUM_STEPS + 1, 2)), f'seed {seed}'
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_cleanly(uninterrupted, tmp_path):
+  proc = launch(tmp_path, wait=False)
+  deadline = time.time() + 240
+  while not committed(tmp_path):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  results = json.load(open(tmp_path / 'results.json'))
+  assert results['preempted'] is True
+  assert max(committed(tmp_path)) == results['step'] < NUM_STEPS
+  assert launch(tmp_path).returncode == 0
+  assert_bit_identical(final_state(uninterrupted), final_state(tmp_path))
+
+
+def test_corrupt_latest_step_is_reported_and_the_previous_one_used(uninterrupted, tmp_path):
+  workdir = tmp_path / 'run'
+  subprocess.run(['cp', '-r', str(uninterrupted), str(workdir)], check=True)
+  latest = os.path.join(workdir, 'checkpoints', str(NUM_STEPS), 'state')
+  for root, _, files in os.walk(latest):
+    for name in files:
+      if not name.startswith('_'):
+        with open(os.path.join(root, name), 'r+b') as f:
+          f.truncate(max(os.path.getsize(f.name) // 2, 1))
+  result = launch(workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'checkpoint step {NUM_STEPS}' in result.stderr and 'corrupt' in result.stderr
+  assert f'resumed from step {NUM_STEPS - EVERY}' in result.stderr
+  assert_bit_identical(final_state(uninterrupted), final_state(workdir))
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.adapter.bottleneck=16',
+     "adapter.bottleneck: checkpoint 64, config 16"),
+    ('--config.seed=1', "trained on base"),
+])
+def test_resuming_with_another_base_or_adapter_shape_is_refused(uninterrupted, tmp_path,
+                                                                 override, message):
+  workdir = tmp_path / 'run'
+  subprocess.run(['cp', '-r', str(uninterrupted), str(workdir)], check=True)
+  result = launch(workdir, override)
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr[-3000:]
+  if 'seed' in override:  # both fingerprints are named
+    saved = json.load(open(os.path.join(workdir, 'checkpoints', str(NUM_STEPS), 'run',
+                                        'metadata')))['base_fingerprint']['id']
+    assert saved in result.stderr and "this run's base is" in result.stderr
+
+
+def test_workdir_problems_are_named(tmp_path):
+  with pytest.raises(checkpoints.CheckpointError, match='parent of workdir .* does not exist'):
+    checkpoints.check_workdir(str(tmp_path / 'missing' / 'run'))
+  assert checkpoints.check_workdir(str(tmp_path / 'new')) == str(tmp_path / 'new')
+  if os.geteuid() != 0:  # root writes through permission bits
+    os.chmod(tmp_path / 'new', 0o500)
+    with pytest.raises(checkpoints.CheckpointError, match='not writable'):
+      checkpoints.check_workdir(str(tmp_path / 'new'))
+
+
+# -- exports --------------------------------------------------------------------------------------
+
+def test_adapter_export_reattaches_onto_the_same_base_only(uninterrupted, tmp_path):
+  from tpa_jax import export  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'adapters.safetensors'
+  result = subprocess.run([sys.executable, 'launch/export.py', f'--workdir={uninterrupted}',
+                           '--kind=adapter', f'--output={out}'], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  tensors, meta = export.read_adapters(str(out))
+  assert (meta['placement'], meta['blocks'], meta['bottleneck']) == ('ff_parallel', 'all', '64')
+  assert all('adapter' in k or 'head' in k for k in tensors)
+
+  config, live, trainable, info, step = export.load_run(str(uninterrupted))
+  assert step == NUM_STEPS and meta['base_fingerprint'] == info['base_fingerprint']['id']
+  mesh = sharding.make_mesh(**config.mesh)
+  fresh = models.create_model(config, mesh)  # the same base (seed), untrained adapters and head
+  features = np.random.default_rng(0).normal(size=(4, 48, 80)).astype(np.float32)
+  mask = np.ones((4, 48), bool)
+  assert not np.allclose(fresh(features, mask)[0], live(features, mask)[0])
+  fingerprint = checkpoints.base_fingerprint(config.model, fresh)
+  export.attach_adapters(str(out), fresh, fingerprint)
+  attached = export.flat_arrays(nnx.state(fresh))
+  for name, array in export.flat_arrays(trainable).items():
+    np.testing.assert_array_equal(attached[name], array, err_msg=name)
+  # (The live model keeps its frozen weights in bf16, the fresh one in f32.)
+  np.testing.assert_allclose(fresh(features, mask)[0], live(features, mask)[0], atol=0.05)
+
+  config.seed = 1
+  other = models.create_model(config, mesh)
+  other_fp = checkpoints.base_fingerprint(config.model, other)
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    export.attach_adapters(str(out), other, other_fp)
+  assert meta['base_fingerprint'] in str(error.value) and other_fp['id'] in str(error.value)
+
+
+def test_serving_bundle_runs_without_tpa_jax_and_matches_the_live_model(uninterrupted, tmp_path):
+  from tpa_jax import export  # pylint: disable=import-outside-toplevel
+  bundle = tmp_path / 'serving'
+  result = subprocess.run([sys.executable, 'launch/export.py', f'--workdir={uninterrupted}',
+                           '--kind=serving', f'--output={bundle}'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(bundle)) == ['function.jaxexport', 'manifest.json',
+                                        'weights.safetensors']
+  features = np.random.default_rng(1).normal(size=(3, 40, 80)).astype(np.float32)
+  np.save(tmp_path / 'features.npy', features)
+  loader = os.path.join(ROOT, 'tpa_jax', 'serving_loader.py')
+  check = ("import runpy, sys; sys.argv = [{l!r}, {b!r}, {f!r}, {o!r}]; "
+           "runpy.run_path({l!r}, run_name='__main__'); "
+           "assert not any(m.startswith('tpa_jax') for m in sys.modules), 'imported tpa_jax'")
+  result = subprocess.run(
+      [sys.executable, '-c', check.format(l=loader, b=str(bundle),
+                                          f=str(tmp_path / 'features.npy'),
+                                          o=str(tmp_path / 'logits.npy'))],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300,
+      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  _, live, _, _, _ = export.load_run(str(uninterrupted))
+  expected, _ = live(features, np.ones(features.shape[:2], bool))
+  np.testing.assert_allclose(np.load(tmp_path / 'logits.npy'), np.asarray(expected),
+                             rtol=1e-5, atol=1e-5)
