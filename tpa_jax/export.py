@@ -30,9 +30,13 @@ ADAPTER_FORMAT = 'tpa_jax.adapters/1'
 BUNDLE_FORMAT = 'tpa_jax.serving/1'
 
 
+def _name(path) -> str:
+  return '/'.join(str(k) for k in path)
+
+
 def flat_arrays(state: nnx.State) -> dict[str, np.ndarray]:
   """'encoder/blocks/0/...': host array, for every variable of `state`."""
-  return {'/'.join(str(k) for k in path): np.asarray(jax.device_get(v[...]))
+  return {_name(path): np.asarray(jax.device_get(v[...]))
           for path, v in nnx.to_flat_state(state)}
 
 
@@ -108,7 +112,7 @@ def attach_adapters(path: str, model: nnx.Module, base_fingerprint: dict) -> Non
         f"{metadata['base_weights_digest']}), but this base is {base_fingerprint['id']} "
         f"(weights {base_fingerprint['weights']})")
   flat = nnx.to_flat_state(nnx.state(model))
-  by_name = {'/'.join(str(k) for k in p): v for p, v in flat}
+  by_name = {_name(p): v for p, v in flat}
   missing = sorted(set(tensors) - set(by_name))
   if missing:
     raise ValueError(f'{path} has arrays this model lacks (placement, blocks or bottleneck '
@@ -131,7 +135,7 @@ def export_serving(workdir: str, output: str,
 
   def serve(weights, features, mask):
     flat = nnx.to_flat_state(state)
-    values = [(p, v.replace(weights['/'.join(str(k) for k in p)])) for p, v in flat]
+    values = [(p, v.replace(weights[_name(p)])) for p, v in flat]
     logits, out_mask = nnx.merge(graphdef, nnx.from_flat_state(values))(features, mask)
     return logits.astype(jnp.float32), out_mask
 
