@@ -55,11 +55,8 @@ def read_metadata(path: str) -> dict | None:
 
 def restore_state(path: str, target: nnx.State) -> nnx.State:
   """The checkpoint at `path` restored with the structure, dtypes and shardings of `target`."""
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      nnx.to_pure_dict(target))
   with ocp.StandardCheckpointer() as checkpointer:
-    pure = checkpointer.restore(os.path.abspath(path), abstract)
+    pure = checkpointer.restore(os.path.abspath(path), abstract(nnx.to_pure_dict(target)))
   state = jax.tree.map(lambda x: x, target)  # a copy with the same Variables
   nnx.replace_by_pure_dict(state, pure)
   return state
@@ -330,6 +327,15 @@ class RunCheckpointer:
   def read_run_info(self, step: int) -> dict:
     """The run record (config, adapter fields, base fingerprint) saved with `step`."""
     return self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore())).run
+
+  def newest_run_info(self) -> dict:
+    """The run record of the newest committed step whose record reads."""
+    for step in self.committed_steps():
+      try:
+        return self.read_run_info(step)
+      except Exception as e:  # pylint: disable=broad-except
+        self._report_corrupt(step, e)
+    raise CheckpointError(f'no committed step in {self.directory} has a readable run record')
 
   def close(self) -> None:
     self.wait()

@@ -84,11 +84,12 @@ class LexiconDecoder:
   token_min_log_prob: float = -8.0
   blank_skip_log_prob: float = math.log(0.999)
   blank_id: int = 0
+  _extend_cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                          compare=False)
 
   def __post_init__(self):
     if self.beam_width < 1:
       raise ValueError(f'beam_width must be >= 1, got {self.beam_width}')
-    object.__setattr__(self, '_extend_cache', {})
 
   def _extend(self, partial: str, token: int):
     """(completed words, new partial word) after appending `token`'s text, or None if the

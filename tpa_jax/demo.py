@@ -143,10 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   adapt_config = stage_config(config, demo.adapt, dataset=demo.target,
                               vocab_size=target_tok.vocab_size)
   adapt_config.base.path = os.path.join(base_path, 'encoder')
-  adapted = models.create_model(adapt_config, mesh)
-  checkpoints.load_base(adapt_config.base.path, adapted)
-  base_fingerprint = checkpoints.base_fingerprint(adapt_config.model, adapted)
-  trainer = training.make_trainer(adapt_config, mesh, adapted)
+  trainer, base_fingerprint = training.make_run_trainer(adapt_config, mesh)
   info = training.describe(trainer)
   loader = iter(target.train_loader(target_tok, seed=config.seed,
                                     num_batches=demo.adapt.num_steps))

@@ -15,12 +15,6 @@ from tpa_jax.features import Featurizer
 from tpa_jax.train_step import batch_inputs, batch_shardings
 
 
-def greedy_ctc(ids_bt: np.ndarray, mask_bt: np.ndarray, blank_id: int = 0) -> list[list[int]]:
-  """Best-path decoding of a batch of per-frame argmax ids [B, T] (valid frames only)."""
-  return [decoding.collapse(ids[mask.astype(bool)], blank_id)
-          for ids, mask in zip(np.asarray(ids_bt), np.asarray(mask_bt))]
-
-
 def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
   """Corpus-level word and character error rates (edit operations / reference length)."""
   import jiwer  # pylint: disable=import-outside-toplevel

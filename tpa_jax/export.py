@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from safetensors import numpy as safetensors_np
 
-from tpa_jax import checkpoints, models, sharding, training
+from tpa_jax import checkpoints, sharding, training
 
 ADAPTER_FORMAT = 'tpa_jax.adapters/1'
 BUNDLE_FORMAT = 'tpa_jax.serving/1'
@@ -50,22 +50,9 @@ def load_run(workdir: str):
   steps = ckpt.committed_steps()
   if not steps:
     raise checkpoints.CheckpointError(f'no committed checkpoint in {directory}')
-  info = None
-  for step in steps:  # the config of the newest step whose record reads
-    try:
-      info = ckpt.read_run_info(step)
-      break
-    except Exception:  # pylint: disable=broad-except
-      continue
-  if info is None:
-    raise checkpoints.CheckpointError(f'no run record in {directory} can be read')
+  info = ckpt.newest_run_info()
   config = ml_collections.ConfigDict(info['config'])
-  mesh = sharding.make_mesh(**config.mesh)
-  model = models.create_model(config, mesh)
-  if config.base.path:
-    checkpoints.load_base(config.base.path, model)
-  fingerprint = checkpoints.base_fingerprint(config.model, model)
-  trainer = training.make_trainer(config, mesh, model)
+  trainer, fingerprint = training.make_run_trainer(config, sharding.make_mesh(**config.mesh))
   step, trainer.state, _, info = ckpt.restore_latest(
       trainer.state, check=lambda i: checkpoints.check_compatible(
           i, fingerprint=fingerprint, adapter=info['adapter']))

@@ -107,6 +107,17 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       seed=config.seed)
 
 
+def make_run_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                     ) -> tuple[train_step.Trainer, dict]:
+  """The trainer of a run and the fingerprint of its base: the model built on `mesh`, its
+  encoder loaded from `config.base.path` (or left at its `seed` init when that is empty)."""
+  model = models.create_model(config, mesh)
+  if config.base.path:
+    checkpoints.load_base(config.base.path, model)
+  fingerprint = checkpoints.base_fingerprint(config.model, model)
+  return make_trainer(config, mesh, model), fingerprint
+
+
 class MetricsWriter:
   """Appends one JSON object per logged step to `workdir/<name>`."""
 
@@ -221,8 +232,7 @@ class Preemption:
 def run_info(config: ml_collections.ConfigDict, fingerprint: dict) -> dict:
   """What a run checkpoint records besides arrays: the config, adapter fields and base."""
   return {'config': json.loads(config.to_json_best_effort()), 'base_fingerprint': fingerprint,
-          'adapter': {k: config.adapter[k] for k in checkpoints.ADAPTER_FIELDS},
-          'method': {'placement': config.adapter.placement, 'trainable': config.train.trainable}}
+          'adapter': {k: config.adapter[k] for k in checkpoints.ADAPTER_FIELDS}}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -251,12 +261,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
       else:
         config.head.num_classes = data.num_classes
 
-  model = models.create_model(config, mesh)
-  if config.base.path:
-    checkpoints.load_base(config.base.path, model)
-  fingerprint = checkpoints.base_fingerprint(config.model, model)
-  trainer = make_trainer(config, mesh, model)
-  del model
+  trainer, fingerprint = make_run_trainer(config, mesh)
   info = describe(trainer)
   num_steps = config.train.num_steps
   if data is None:
@@ -271,11 +276,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
   ckpt = checkpoints.RunCheckpointer(os.path.join(workdir, 'checkpoints'),
                                      keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save)
-  adapter = {k: config.adapter[k] for k in checkpoints.ADAPTER_FIELDS}
+  record = run_info(config, fingerprint)
   try:
     restored = ckpt.restore_latest(
         trainer.state, check=lambda info: checkpoints.check_compatible(
-            info, fingerprint=fingerprint, adapter=adapter))
+            info, fingerprint=fingerprint, adapter=record['adapter']))
     start = 0
     if restored is not None:
       start, trainer.state, data_state, _ = restored
@@ -283,7 +288,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
       logging.info('resumed from step %d of %s', start, ckpt.directory)
     writer = MetricsWriter(workdir)
     writer.truncate_after(start)  # steps after the checkpoint are run again
-    record = run_info(config, fingerprint)
 
     def after_step(step: int) -> bool:
       if step % every == 0 or step == num_steps or preemption.requested:
