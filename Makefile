@@ -13,7 +13,7 @@ TEST_WORKERS ?= 2
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,speech]'
+	$(PY) -m pip install --quiet -e '.[test,speech,parity]'
 	touch $@
 
 install: $(VENV)/.installed

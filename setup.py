@@ -31,6 +31,10 @@ EXTRAS_REQUIRE = {
         'matplotlib',
         'importlib_resources',  # TFDS builders defined outside tensorflow_datasets
     ],
+    # Reference implementations for the checkpoint converters' parity tests (tests only):
+    # torch's CPU build and transformers' Wav2Vec2BertModel, SeamlessM4TFeatureExtractor and
+    # ParakeetEncoder.
+    'parity': ['torch==2.13.0', 'transformers==5.24.0'],
 }
 
 setup(
