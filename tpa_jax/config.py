@@ -79,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   # relative_key: distances are clipped to [-left, right].
   m.left_max_position = 64
   m.right_max_position = 8
+  # Activation of the FFN and conv modules: 'swish', 'gelu' (exact), 'gelu_tanh' or 'relu'.
+  m.activation = 'swish'
   # Biases in the FFN, attention and conv module projections.
   m.ffn_bias = True
   m.attention_bias = True
@@ -197,6 +199,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.num_labels = 8
 
   c.features = fe = ml_collections.ConfigDict()
+  # 'log_mel' (below), or 'kaldi_fbank': Kaldi-compatible fbank (DC offset removal, Povey window,
+  # Kaldi mel scale) normalised per bin with the unbiased variance, as w2v-BERT 2.0's
+  # SeamlessM4TFeatureExtractor computes it (pair it with model.frontend.kind='stacked').
+  fe.kind = 'log_mel'
   # Log-mel filterbanks computed on device from 16 kHz audio.
   fe.sample_rate_hz = 16000
   fe.window_ms = 25.0
