@@ -9,6 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tpa_jax import fbank
+
+# features.kind: this module's log-mel, or the Kaldi-compatible fbank of w2v-BERT 2.0.
+KINDS = ('log_mel', 'kaldi_fbank')
+
 
 def hz_to_mel(hz):
   return 2595.0 * np.log10(1.0 + np.asarray(hz, np.float64) / 700.0)
@@ -106,8 +111,10 @@ class Featurizer:
   """Audio batch -> (features [B, T, num_mels], mask [B, T]) inside the jitted step.
 
   Built from `config.features` by `from_config`. SpecAugment is applied only when a random key
-  is given (training).
+  is given (training). kind='kaldi_fbank' computes `fbank.kaldi_fbank` with the same window, hop,
+  bins, pre-emphasis and floor, normalised as w2v-BERT 2.0's feature extractor does.
   """
+  kind: str = 'log_mel'
   sample_rate_hz: int = 16000
   window_ms: float = 25.0
   hop_ms: float = 10.0
@@ -128,6 +135,8 @@ class Featurizer:
     if unknown:
       raise ValueError(f'unknown features field(s) {unknown}; accepted: {sorted(fields)}')
     featurizer = cls(**dict(c))
+    if featurizer.kind not in KINDS:
+      raise ValueError(f'features.kind={featurizer.kind!r}: accepted values are {KINDS}')
     for name in ('window_ms', 'hop_ms', 'num_mels', 'sample_rate_hz'):
       if getattr(featurizer, name) <= 0:
         raise ValueError(f'features.{name}={getattr(featurizer, name)} must be positive')
@@ -147,11 +156,14 @@ class Featurizer:
 
   def __call__(self, audio_bs: jax.Array, lengths_b: jax.Array,
                key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    features, mask = log_mel(audio_bs, lengths_b, sample_rate_hz=self.sample_rate_hz,
-                             window_ms=self.window_ms, hop_ms=self.hop_ms,
-                             num_mels=self.num_mels, preemphasis=self.preemphasis,
-                             floor=self.floor)
-    features = normalize(features, mask)
+    kw = dict(sample_rate_hz=self.sample_rate_hz, window_ms=self.window_ms, hop_ms=self.hop_ms,
+              num_mels=self.num_mels, preemphasis=self.preemphasis, floor=self.floor)
+    if self.kind == 'kaldi_fbank':
+      features, mask = fbank.kaldi_fbank(audio_bs, lengths_b, **kw)
+      features = fbank.normalize_unbiased(features, mask)
+    else:
+      features, mask = log_mel(audio_bs, lengths_b, **kw)
+      features = normalize(features, mask)
     if key is not None and self.spec_augment:
       features = spec_augment(key, features, mask, num_freq_masks=self.num_freq_masks,
                               max_freq_width=self.max_freq_width,

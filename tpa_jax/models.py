@@ -61,7 +61,8 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int) -> SpeechModel:
       ConformerBlock, m.dim, m.num_heads, m.ffn_dim, m.conv_kernel_size, position=m.position,
       left_max_position=m.left_max_position, right_max_position=m.right_max_position,
       conv_causal=m.conv_causal, conv_norm=m.conv_norm, ffn_bias=m.ffn_bias,
-      attention_bias=m.attention_bias, conv_bias=m.conv_bias, eps=m.norm_eps, **kw)
+      attention_bias=m.attention_bias, conv_bias=m.conv_bias, activation=m.activation,
+      eps=m.norm_eps, **kw)
   blocks = adapter_blocks(config)
   make_adapters = None
   if blocks:

@@ -36,16 +36,17 @@ class ConformerBlock(nnx.Module):
                position: str = 'relative_key', left_max_position: int = 64,
                right_max_position: int = 8, conv_causal: bool = False, conv_norm: str = 'layer',
                ffn_bias: bool = True, attention_bias: bool = True, conv_bias: bool = True,
-               eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               activation: str = 'swish', eps: float = 1e-5, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     kw = dict(eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.ffn1 = FeedForward(dim, ffn_dim, use_bias=ffn_bias, **kw)
+    self.ffn1 = FeedForward(dim, ffn_dim, use_bias=ffn_bias, activation=activation, **kw)
     self.attention = SelfAttention(dim, num_heads, position=position,
                                    left_max_position=left_max_position,
                                    right_max_position=right_max_position,
                                    use_bias=attention_bias, **kw)
     self.conv = ConvModule(dim, conv_kernel_size, causal=conv_causal, norm=conv_norm,
-                           use_bias=conv_bias, **kw)
-    self.ffn2 = FeedForward(dim, ffn_dim, use_bias=ffn_bias, **kw)
+                           use_bias=conv_bias, activation=activation, **kw)
+    self.ffn2 = FeedForward(dim, ffn_dim, use_bias=ffn_bias, activation=activation, **kw)
     self.final_norm = LayerNorm(dim, **kw)
 
   def _ffn(self, ffn: FeedForward, slot: str, x: jax.Array,
@@ -87,8 +88,9 @@ def stack_modules(factory: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.R
   return make(keys)
 
 
-def _layer(state: nnx.State, i) -> nnx.State:
-  return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False), state)
+def _layers(state: nnx.State, start: int, stop: int) -> nnx.State:
+  """Layers [start, stop) of a stacked state (a static slice: its gradient is one pad)."""
+  return jax.tree.map(lambda w: w[start:stop], state)
 
 
 class ConformerEncoder(nnx.Module):
@@ -135,25 +137,27 @@ class ConformerEncoder(nnx.Module):
 
   def _run_segment(self, x: jax.Array, mask_bt: jax.Array, a: int, b: int,
                    adapter_offset: int | None) -> jax.Array:
+    # The segment's weights are sliced once and scanned over as `xs`: their gradient comes out
+    # stacked, instead of each layer's step updating a full-depth gradient buffer in place.
     block_def, block_state = nnx.split(self.blocks)
+    layers = [_layers(block_state, a, b)]
     if adapter_offset is not None:
       adapter_def, adapter_state = nnx.split(self.adapters)
+      layers.append(_layers(adapter_state, adapter_offset, adapter_offset + b - a))
 
-    def apply(x, i):
-      block = nnx.merge(block_def, _layer(block_state, i))
-      adapters = None
-      if adapter_offset is not None:
-        adapters = nnx.merge(adapter_def, _layer(adapter_state, i - a + adapter_offset))
+    def apply(x, layer):
+      block = nnx.merge(block_def, layer[0])
+      adapters = nnx.merge(adapter_def, layer[1]) if adapter_offset is not None else None
       return block(x, mask_bt, adapters)
 
     policy = REMAT_POLICIES[self.remat_policy]
     if self.remat_policy != 'none':
       apply = jax.checkpoint(apply, policy=policy)
     if self.scan_layers:
-      x, _ = jax.lax.scan(lambda x, i: (apply(x, i), None), x, jnp.arange(a, b))
+      x, _ = jax.lax.scan(lambda x, layer: (apply(x, layer), None), x, layers)
     else:
-      for i in range(a, b):
-        x = apply(x, i)
+      for i in range(b - a):
+        x = apply(x, jax.tree.map(lambda w: w[i], layers))
     return x
 
   def run_blocks(self, x_btd: jax.Array, mask_bt: jax.Array, start: int = 0,

@@ -7,21 +7,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpa_jax import sharding
-from tpa_jax.nn.layers import Dense, FrozenBatchNorm, LayerNorm
+from tpa_jax.nn.layers import ACTIVATIONS, Dense, FrozenBatchNorm, LayerNorm, get_activation
 
 CONV_NORMS = ('layer', 'batch')
 
 
 class ConvModule(nnx.Module):
   """LayerNorm -> pointwise (2·dim) -> GLU -> depthwise (causal or symmetric) -> LayerNorm or
-  BatchNorm (frozen statistics) -> swish -> pointwise.
+  BatchNorm (frozen statistics) -> swish (or `activation`) -> pointwise.
 
   Padded frames are zeroed before the depthwise convolution, so valid frames never see padding.
   """
 
   def __init__(self, dim: int, kernel_size: int, *, causal: bool = False, norm: str = 'layer',
-               use_bias: bool = True, eps: float = 1e-5, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               use_bias: bool = True, eps: float = 1e-5, activation: str = 'swish',
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if norm not in CONV_NORMS:
       raise ValueError(f'model.conv_norm={norm!r}: accepted values are {CONV_NORMS}')
     if kernel_size < 1:
@@ -31,6 +31,8 @@ class ConvModule(nnx.Module):
                        'depthwise convolution needs an odd kernel size')
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.kernel_size, self.causal, self.dtype = kernel_size, causal, dtype
+    get_activation(activation)  # a clear error before any weight is made
+    self.activation = activation
     self.norm_in = LayerNorm(dim, eps=eps, **kw)
     # (embed, 2, conv): the GLU halves sit on an unsharded axis, channels on `conv`.
     self.pointwise_in = Dense(dim, (2, dim), axes=('embed', None, 'conv'), use_bias=use_bias, **kw)
@@ -67,5 +69,5 @@ class ConvModule(nnx.Module):
     h_btc = h_btgc[..., 0, :] * jax.nn.sigmoid(h_btgc[..., 1, :])
     h_btc = sharding.constrain(h_btc, ('batch', 'time', 'conv'))
     h_btc = jnp.where(mask_bt[..., None], h_btc, jnp.zeros((), h_btc.dtype))
-    h_btc = jax.nn.silu(self.norm_mid(self._depthwise(h_btc)))
+    h_btc = ACTIVATIONS[self.activation](self.norm_mid(self._depthwise(h_btc)))
     return self.pointwise_out(h_btc)

@@ -65,6 +65,16 @@ class Conv2dSubsampling(nnx.Module):
     return self.out(h), prefix_mask(n, t)
 
 
+def stack_frames(x_btf: jax.Array, mask_bt: jax.Array,
+                 stack: int) -> tuple[jax.Array, jax.Array]:
+  """[B, T, F] -> [B, T // stack, stack·F] (a trailing partial group is dropped); a stacked frame
+  is valid if its last source frame is (SeamlessM4TFeatureExtractor's stride-2 attention mask)."""
+  b, t, f = x_btf.shape
+  t_out = t // stack
+  x = x_btf[:, :t_out * stack].reshape(b, t_out, stack * f)
+  return x, mask_bt[:, stack - 1::stack][:, :t_out]
+
+
 class StackedFrames(nnx.Module):
   """Stacks `stack` consecutive feature frames (2 x 80 -> 160), then LayerNorm -> Linear to `dim`,
   as w2v-BERT 2.0's feature projection. A stacked frame is valid if its last source frame is.
@@ -78,8 +88,5 @@ class StackedFrames(nnx.Module):
     self.proj = Dense(stack * input_dim, dim, axes=(None, 'embed'), **kw)
 
   def __call__(self, x_btf: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-    b, t, f = x_btf.shape
-    t_out = t // self.stack
-    x = x_btf[:, :t_out * self.stack].reshape(b, t_out, self.stack * f)
-    mask = mask_bt[:, self.stack - 1::self.stack][:, :t_out]
+    x, mask = stack_frames(x_btf, mask_bt, self.stack)
     return self.proj(self.norm(x)), mask

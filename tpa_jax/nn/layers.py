@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -12,6 +13,22 @@ from tpa_jax import sharding
 
 Axes = tuple[str | None, ...]
 Initializer = Callable[..., jax.Array]
+
+# Activations of the FFN and conv modules (model.activation). 'gelu' is the exact (erf) GELU of
+# PyTorch checkpoints; 'gelu_tanh' its tanh approximation.
+ACTIVATIONS = {
+    'swish': jax.nn.silu,
+    'gelu': functools.partial(jax.nn.gelu, approximate=False),
+    'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),
+    'relu': jax.nn.relu,
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The activation function called `name` (a key of ACTIVATIONS)."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f'model.activation={name!r}: accepted values are {tuple(ACTIVATIONS)}')
+  return ACTIVATIONS[name]
 
 
 def _tuple(x: int | Sequence[int]) -> tuple[int, ...]:
@@ -96,17 +113,21 @@ class FrozenBatchNorm(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-  """Conformer FFN module: LayerNorm -> Linear(dim, hidden) -> swish -> Linear(hidden, dim)."""
+  """Conformer FFN module: LayerNorm -> Linear(dim, hidden) -> swish (or `activation`) ->
+  Linear(hidden, dim)."""
 
   def __init__(self, dim: int, hidden: int, *, use_bias: bool = True, eps: float = 1e-5,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               activation: str = 'swish', dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    get_activation(activation)  # a clear error before any weight is made
+    self.activation = activation
     self.norm = LayerNorm(dim, eps=eps, **kw)
     self.up = Dense(dim, hidden, axes=('embed', 'mlp'), use_bias=use_bias, **kw)
     self.down = Dense(hidden, dim, axes=('mlp', 'embed'), use_bias=use_bias, **kw)
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
-    h_btf = jax.nn.silu(self.up(self.norm(x_btd)))
+    h_btf = ACTIVATIONS[self.activation](self.up(self.norm(x_btd)))
     h_btf = sharding.constrain(h_btf, ('batch', 'time', 'mlp'))
     return self.down(h_btf)
 

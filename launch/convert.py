@@ -1,0 +1,39 @@
+"""Convert a public pre-trained encoder into a tpa_jax base.
+
+Usage:
+  python launch/convert.py --source=w2v_bert --input=w2v-bert-2.0 --output=runs/w2v_bert/base
+
+--input is a Hugging Face model directory (config.json + model.safetensors, e.g. a download of
+facebook/w2v-bert-2.0, or a Wav2Vec2BertForCTC fine-tune). --output receives encoder/ (the base
+checkpoint: pass it as --config.base.path, or the directory to configs/w2v_bert.py:base=...) and
+encoder.json (the model and features configs, the source, and the tensors left out on purpose).
+Every problem with the input (missing files or tensors, unexpected shapes, unmapped tensors,
+unsupported settings) is reported at once, before anything is written.
+"""
+
+import json
+import sys
+
+from absl import app, flags
+
+from tpa_jax import convert, training
+
+_SOURCE = flags.DEFINE_enum('source', None, sorted(convert.SOURCES), 'What --input holds.')
+_INPUT = flags.DEFINE_string('input', None, 'Hugging Face model directory.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Directory to write the base to.')
+flags.mark_flags_as_required(['source', 'input', 'output'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  training.quiet_library_logs()
+  try:
+    summary = convert.convert(_SOURCE.value, _INPUT.value, _OUTPUT.value)
+  except convert.ConversionError as e:
+    sys.exit(f'error: {e}')  # the message lists every problem; no traceback
+  print(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == '__main__':
+  app.run(main)
