@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
-import jax
-import numpy as np
+import math
 
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tpa_jax import models, sharding
 from tpa_jax.train_step import Trainer
 
 
+def abstract_param_count(config: ml_collections.ConfigDict) -> int:
+  """Parameters of the model `config` describes, counted from abstract shapes (nothing is
+  allocated, so it serves the giant presets on any machine)."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  graphdef, abstract = sharding.abstract_model(
+      lambda: models.build_model(config, seed=config.seed), mesh)
+  params = nnx.state(nnx.merge(graphdef, abstract), nnx.Param)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
 def per_device_bytes(tree) -> int:
-  """Bytes one device holds for the arrays of `tree` (the largest per-device total)."""
+  """Bytes one device holds for the arrays of `tree` (the largest per-device total); abstract
+  leaves (ShapeDtypeStruct with a sharding) count their shard shape."""
   totals: dict = {}
   for x in jax.tree.leaves(tree):
-    if isinstance(x, jax.Array):
+    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
+      nbytes = math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+      for device in x.sharding.device_set:
+        totals[device] = totals.get(device, 0) + nbytes
+    elif isinstance(x, jax.Array):
       for shard in x.addressable_shards:
         totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
     else:

@@ -62,28 +62,96 @@ def batch_inputs(batch: dict[str, jax.Array], featurizer: Featurizer | None,
   return batch['features'], batch['feature_mask']
 
 
+# Metrics summed over micro-batches; the others are averaged with the loss's weights.
+_SUMMED_METRICS = ('tokens',)
+
+
+def loss_weight(task: str, aux: dict[str, jax.Array], batch_size: int) -> jax.Array:
+  """What a batch's loss is an average over: CTC label tokens (`losses.ctc_loss` divides by
+  them) or utterances. Accumulating weight x loss and dividing by the summed weights gives the
+  loss, and the gradient, of all the micro-batches taken as one batch."""
+  if task == 'ctc':
+    return aux['tokens']
+  return jnp.asarray(batch_size, jnp.float32)
+
+
+def split_micro_batches(batch: dict[str, jax.Array], steps: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [steps, B / steps, ...], micro-batch j holding rows j, j + steps, ... so that
+  each keeps the batch's split over the data-parallel devices (no data moves between them)."""
+  def split(x):
+    x = x.reshape((x.shape[0] // steps, steps) + x.shape[1:]).swapaxes(0, 1)
+    return sharding.constrain(x, (None, 'batch') + (None,) * (x.ndim - 2))
+  return {k: split(v) for k, v in batch.items()}
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, task: str, frozen_depth: int | None,
                     rules=sharding.DEFAULT_RULES, featurizer: Featurizer | None = None,
-                    seed: int = 0) -> Callable:
+                    seed: int = 0, grad_accum_steps: int = 1) -> Callable:
   """The pure step (state, frozen, rest, batch) -> (state, metrics). Audio batches are
-  featurized inside it, with SpecAugment keyed by (seed, step)."""
+  featurized inside it, with SpecAugment keyed by (seed, step).
+
+  With `grad_accum_steps` > 1 the batch is split into that many micro-batches, run one after
+  another by a `lax.scan` (each featurized, with SpecAugment keyed by (seed, step, micro-batch),
+  and differentiated on its own, so activations of one micro-batch are live at a time); their
+  gradients are summed with the weights of `loss_weight` before one optimizer update.
+  """
+  if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+    raise ValueError(f'train.grad_accum_steps={grad_accum_steps!r}: accepted values are '
+                     'positive integers')
+
+  def loss_and_grads(trainable, frozen, rest, batch, key):
+    model: SpeechModel = nnx.merge(graphdef, trainable, frozen, rest)
+    # The frozen prefix is computed before autodiff starts: it is never differentiated.
+    features, mask = batch_inputs(batch, featurizer, key)
+    x, mask = model.prefix(features, mask, frozen_depth)
+
+    def loss_fn(trainable):
+      model = nnx.merge(graphdef, trainable, frozen, rest)
+      logits, out_mask = model.suffix(x, mask, frozen_depth)
+      return losses.task_loss(task, logits, out_mask, batch)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    return loss, aux, grads
+
+  def accumulated(trainable, frozen, rest, batch, key):
+    micro = split_micro_batches(batch, grad_accum_steps)
+    micro_size = next(iter(batch.values())).shape[0] // grad_accum_steps
+
+    def body(carry, xs):
+      index, micro_batch = xs
+      loss, aux, grads = loss_and_grads(trainable, frozen, rest, micro_batch,
+                                        jax.random.fold_in(key, index))
+      weight = loss_weight(task, aux, micro_size)
+      grad_sum, sums = carry
+      grad_sum = jax.tree.map(lambda s, g: s + weight * g, grad_sum, grads)
+      sums = {'weight': sums['weight'] + weight, 'loss': sums['loss'] + weight * loss,
+              **{k: sums[k] + (v if k in _SUMMED_METRICS else weight * v)
+                 for k, v in aux.items()}}
+      return (grad_sum, sums), None
+
+    # The accumulators' structure comes from one abstract evaluation of a micro-batch.
+    _, aux_shape, _ = jax.eval_shape(
+        loss_and_grads, trainable, frozen, rest, jax.tree.map(lambda x: x[0], micro), key)
+    zero = jnp.zeros((), jnp.float32)
+    sums = {'weight': zero, 'loss': zero, **{k: zero for k in aux_shape}}
+    grad_sum = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+    (grad_sum, sums), _ = jax.lax.scan(
+        body, (grad_sum, sums), (jnp.arange(grad_accum_steps), micro))
+    # Every micro-batch without CTC labels has weight 0, as its loss has in the batch's mean.
+    total = jnp.maximum(sums['weight'], 1.0)
+    grads = jax.tree.map(lambda g, t: (g / total).astype(t.dtype), grad_sum, trainable)
+    aux = {k: sums[k] if k in _SUMMED_METRICS else sums[k] / total for k in aux_shape}
+    return sums['loss'] / total, aux, grads
 
   def train_step(state: TrainState, frozen: nnx.State, rest: nnx.State,
                  batch: dict[str, jax.Array]):
     with sharding.axis_rules(rules):
-      model: SpeechModel = nnx.merge(graphdef, state.trainable, frozen, rest)
-      # The frozen prefix is computed before autodiff starts: it is never differentiated.
-      features, mask = batch_inputs(batch, featurizer,
-                                    jax.random.fold_in(jax.random.key(seed), state.step))
-      x, mask = model.prefix(features, mask, frozen_depth)
-
-      def loss_fn(trainable):
-        model = nnx.merge(graphdef, trainable, frozen, rest)
-        logits, out_mask = model.suffix(x, mask, frozen_depth)
-        return losses.task_loss(task, logits, out_mask, batch)
-
-      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+      key = jax.random.fold_in(jax.random.key(seed), state.step)
+      if grad_accum_steps == 1:
+        loss, aux, grads = loss_and_grads(state.trainable, frozen, rest, batch, key)
+      else:
+        loss, aux, grads = accumulated(state.trainable, frozen, rest, batch, key)
       grad_norm = optax.tree.norm(grads)
       updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
       trainable = optax.apply_updates(state.trainable, updates)
@@ -115,6 +183,7 @@ class Trainer:
   rules: tuple
   task: str
   featurizer: Featurizer | None = None
+  grad_accum_steps: int = 1
   _executables: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def _jitted(self, batch):
@@ -136,7 +205,14 @@ class Trainer:
     losses.check_labels(self.task, batch)
     data_ways = self.mesh.shape['data'] * self.mesh.shape['fsdp']
     size = batch[keys[0]].shape[0]
-    if size % data_ways:
+    if self.grad_accum_steps > 1:
+      multiple = self.grad_accum_steps * data_ways
+      if size % multiple:
+        raise ValueError(
+            f'batch size {size} is not divisible by train.grad_accum_steps x the data-parallel '
+            f'mesh axes data x fsdp = {self.grad_accum_steps} x {data_ways} = {multiple}; use a '
+            f'multiple of {multiple}')
+    elif size % data_ways:
       raise ValueError(f'batch size {size} is not divisible by the data-parallel mesh axes '
                        f'data x fsdp = {data_ways}; use a multiple of {data_ways}')
 
@@ -181,9 +257,10 @@ def create_trainer(model: SpeechModel, optimizer: optax.GradientTransformation,
                    schedule: optax.Schedule, *, task: str, trainable: str = 'adapters',
                    frozen_dtype=None, mesh: jax.sharding.Mesh,
                    rules=sharding.DEFAULT_RULES, featurizer: Featurizer | None = None,
-                   seed: int = 0) -> Trainer:
+                   seed: int = 0, grad_accum_steps: int = 1) -> Trainer:
   """Splits a (sharded) model, stores frozen weights in `frozen_dtype`, initialises the optimizer
-  on trainable state only, and prepares the jitted step."""
+  on trainable state only, and prepares the jitted step (accumulating the gradients of
+  `grad_accum_steps` micro-batches per update)."""
   if task not in losses.TASKS:
     raise ValueError(f'head.kind={task!r}: accepted values are {losses.TASKS}')
   rules = sharding.validate_rules(rules)
@@ -204,8 +281,10 @@ def create_trainer(model: SpeechModel, optimizer: optax.GradientTransformation,
   state = TrainState(step=step0, trainable=trainable_state, opt_state=opt_state)
   state_sh = TrainState(step=replicated, trainable=trainable_sh, opt_state=opt_sh)
   step_fn = make_train_step(graphdef, optimizer, schedule, task=task, frozen_depth=frozen_depth,
-                            rules=rules, featurizer=featurizer, seed=seed)
+                            rules=rules, featurizer=featurizer, seed=seed,
+                            grad_accum_steps=grad_accum_steps)
   return Trainer(graphdef=graphdef, state=state, frozen=frozen, rest=rest, mesh=mesh,
                  frozen_depth=frozen_depth, state_shardings=state_sh,
                  frozen_shardings=frozen_sh, rest_shardings=rest_sh, step_fn=step_fn,
-                 rules=rules, task=task, featurizer=featurizer)
+                 rules=rules, task=task, featurizer=featurizer,
+                 grad_accum_steps=grad_accum_steps)
