@@ -2,6 +2,7 @@
 saved as safetensors, converted with the real converter, compared layer by layer on a padded
 batch; the command-line converter and encoder end to end; bad inputs."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tpa_jax import convert, embeddings
+from tpa_jax import convert, embeddings, models, partition, sharding
+from tpa_jax.convert import w2v_bert
 
 torch = pytest.importorskip('torch', reason='the parity extra (torch, transformers) is not '
                                             'installed: pip install -e .[parity]')
@@ -154,6 +156,8 @@ def test_command_line_convert_and_encode_match_the_reference_end_to_end(tmp_path
   assert result.returncode == 0, result.stderr[-3000:]
   meta = json.load(open(tmp_path / 'base' / 'encoder.json'))
   assert meta['features']['kind'] == 'kaldi_fbank' and meta['model']['frontend']['stack'] == 2
+  config = load_config_file('w2v_bert').get_config(f'base={tmp_path / "base"}')
+  assert config.model.dim == 32 and config.base.path == str(tmp_path / 'base' / 'encoder')
 
   rng = np.random.default_rng(5)
   t = np.arange(12345) / 16000
@@ -220,3 +224,30 @@ def test_every_bad_tensor_is_listed_and_nothing_is_written(tmp_path):
       'nothing was written'):
     assert line in message, message
   assert not (tmp_path / 'out').exists()
+
+
+def load_config_file(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_config_file_is_the_converted_w2v_bert_2_0():
+  """configs/w2v_bert.py without a base describes what the converter makes of
+  Wav2Vec2BertConfig's defaults (facebook/w2v-bert-2.0), down to the parameter count."""
+  config = load_config_file('w2v_bert').get_config()
+  converted = w2v_bert.tpa_config(transformers.Wav2Vec2BertConfig().to_dict(), None, 'defaults')
+  compute_only = ('dtype', 'remat_policy')
+  assert ({k: v for k, v in config.model.to_dict().items() if k not in compute_only}
+          == {k: v for k, v in converted.model.to_dict().items() if k not in compute_only})
+  for key in ('kind', 'num_mels', 'window_ms', 'hop_ms', 'preemphasis', 'floor',
+              'sample_rate_hz'):
+    assert config.features[key] == converted.features[key], key
+  with torch.device('meta'):
+    reference = transformers.Wav2Vec2BertModel(transformers.Wav2Vec2BertConfig(mask_time_prob=0))
+  config.adapter.placement = 'none'
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  graphdef, abstract = sharding.abstract_model(lambda: models.build_model(config, seed=0), mesh)
+  ours = partition.count_params(nnx.state(nnx.merge(graphdef, abstract).encoder))
+  assert ours == sum(p.numel() for p in reference.parameters()) > 5.5e8
