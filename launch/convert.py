@@ -2,11 +2,14 @@
 
 Usage:
   python launch/convert.py --source=w2v_bert --input=w2v-bert-2.0 --output=runs/w2v_bert/base
+  python launch/convert.py --source=fastconformer --input=parakeet-ctc-0.6b \
+      --output=runs/parakeet/base
 
---input is a Hugging Face model directory (config.json + model.safetensors, e.g. a download of
-facebook/w2v-bert-2.0, or a Wav2Vec2BertForCTC fine-tune). --output receives encoder/ (the base
-checkpoint: pass it as --config.base.path, or the directory to configs/w2v_bert.py:base=...) and
-encoder.json (the model and features configs, the source, and the tensors left out on purpose).
+--input is a Hugging Face model directory (config.json + model.safetensors): w2v_bert reads
+Wav2Vec2BertModel (facebook/w2v-bert-2.0) or a Wav2Vec2BertForCTC fine-tune; fastconformer
+reads ParakeetEncoder or the encoder of a ParakeetForCTC/TDT/RNNT checkpoint. --output receives
+encoder/ (the base checkpoint: pass it as --config.base.path, or the directory to
+configs/w2v_bert.py:base=...) and encoder.json (the model and features configs, the source, and the tensors left out on purpose).
 Every problem with the input (missing files or tensors, unexpected shapes, unmapped tensors,
 unsupported settings) is reported at once, before anything is written.
 """

@@ -184,7 +184,7 @@ def test_missing_files_are_named(tmp_path):
                                                     r"'model.safetensors \(or .*notes.txt"):
     convert.convert('w2v_bert', str(tmp_path), str(tmp_path / 'out'))
   with pytest.raises(convert.ConversionError, match=r"--source='nemo': accepted values are "
-                                                    r"\['w2v_bert'"):
+                                                    r"\['fastconformer', 'w2v_bert'\]"):
     convert.convert('nemo', str(tmp_path), str(tmp_path / 'out'))
 
 

@@ -12,7 +12,8 @@ from flax import nnx
 from tpa_jax import sharding
 from tpa_jax.nn import adapters as adapters_lib
 from tpa_jax.nn.conformer import ConformerBlock, ConformerEncoder
-from tpa_jax.nn.frontend import FRONTENDS, Conv2dSubsampling, StackedFrames
+from tpa_jax.nn.frontend import (FRONTENDS, Conv2dSubsampling, DepthwiseStridingSubsampling,
+                                  StackedFrames)
 from tpa_jax.nn.heads import ClassificationHead, CTCHead
 from tpa_jax.nn.layers import LayerNorm
 from tpa_jax.nn.model import SpeechModel
@@ -54,6 +55,10 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int) -> SpeechModel:
                                  kernel_size=f.kernel_size, stride=f.stride, rngs=rngs, **kw)
   elif f.kind == 'stacked':
     frontend = StackedFrames(f.input_dim, m.dim, stack=f.stack, eps=m.norm_eps, rngs=rngs, **kw)
+  elif f.kind == 'dw_striding':
+    frontend = DepthwiseStridingSubsampling(
+        f.input_dim, m.dim, channels=f.channels, num_layers=f.num_layers,
+        kernel_size=f.kernel_size, stride=f.stride, rngs=rngs, **kw)
   else:
     raise ValueError(f'model.frontend.kind={f.kind!r}: accepted values are {FRONTENDS}')
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from tpa_jax.convert import w2v_bert
+from tpa_jax.convert import fastconformer, w2v_bert
 from tpa_jax.convert.common import ConversionError, apply_base_config, base_path, default_config
 
 # --source values and their converters.
 SOURCES: dict[str, Callable[[str, str], dict]] = {
     w2v_bert.SOURCE: w2v_bert.convert,
+    fastconformer.SOURCE: fastconformer.convert,
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Callable, Mapping
 
 import jax
@@ -109,10 +110,22 @@ class HFDirectory:
       return np.asarray(f.get_tensor(name), np.float32)
 
 
+def ignored_tensors(names, ignored: Mapping[str, str]) -> dict[str, str]:
+  """The names that a pattern of `ignored` (regular expression -> why it is left out) matches
+  in full, each with its reason."""
+  out = {}
+  for name in sorted(names):
+    for pattern, reason in ignored.items():
+      if re.fullmatch(pattern, name):
+        out[name] = reason
+        break
+  return out
+
+
 def check_plan(rules: list[Rule], shapes: Mapping[str, tuple[int, ...]],
                ignored: Mapping[str, str], what: str) -> None:
   """Raises a ConversionError naming every missing tensor, every tensor of an unexpected shape
-  and every source tensor that no rule consumes and `ignored` does not list."""
+  and every source tensor that no rule consumes and no pattern of `ignored` matches."""
   expected: dict[str, tuple[int, ...]] = {}
   for rule in rules:
     for name in rule.sources:
@@ -120,8 +133,9 @@ def check_plan(rules: list[Rule], shapes: Mapping[str, tuple[int, ...]],
   missing = [f'  {n}: expected shape {s}' for n, s in expected.items() if n not in shapes]
   wrong = [f'  {n}: expected shape {s}, found {shapes[n]}' for n, s in expected.items()
            if n in shapes and tuple(shapes[n]) != tuple(s)]
+  skipped = ignored_tensors(shapes, ignored)
   unmapped = [f'  {n}: found shape {shapes[n]}' for n in sorted(shapes)
-              if n not in expected and n not in ignored]
+              if n not in expected and n not in skipped]
   problems = []
   for title, lines in (('missing tensors', missing), ('tensors of unexpected shape', wrong),
                        ('unmapped tensors (neither converted nor known to be ignorable)',
@@ -174,6 +188,28 @@ def write_base(output_dir: str, state: nnx.State, config: ml_collections.ConfigD
   metadata = {'model': config.model.to_dict(), 'features': config.features.to_dict(), **info}
   checkpoints.save_state(path, state, metadata=json.loads(json.dumps(metadata, default=str)))
   return path
+
+
+def convert_directory(source: HFDirectory, output_dir: str, *, kind: str,
+                      config: ml_collections.ConfigDict, plan: list[Rule],
+                      ignored: Mapping[str, str], prefix: str, what: str) -> dict:
+  """Checks `plan` against `source`, fills the base that `config` describes and writes it to
+  `output_dir`; returns a summary. Tensor names lose `prefix` (the encoder's name inside a
+  checkpoint with a head) first. Nothing is written unless every check passes."""
+  local = {(n[len(prefix):] if prefix and n.startswith(prefix) else n): n for n in source.shapes}
+  shapes = {name: source.shapes[raw] for name, raw in local.items()}
+  check_plan(plan, shapes, ignored, what)
+  renamed = [dataclasses.replace(r, sources=tuple(local[s] for s in r.sources)) for r in plan]
+  state = assemble(renamed, source, abstract_base(config), what)
+  skipped = ignored_tensors(shapes, ignored)
+  path = write_base(output_dir, state, config, {
+      'source': {'kind': kind, 'input': source.directory, 'tensors': len(shapes),
+                 'hf_config': source.config},
+      'ignored': skipped})
+  params = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(state))
+  return {'base': path, 'params': params, 'converted_tensors': len(shapes) - len(skipped),
+          'ignored': skipped, 'model': config.model.to_dict(),
+          'features': config.features.to_dict()}
 
 
 # -- reading a base's configs ------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from tpa_jax.convert import common
 
@@ -36,12 +35,11 @@ FEATURE_DEFAULTS = dict(num_mel_bins=80, stride=2, sampling_rate=16000)
 POSITIONS = {'relative_key': 'relative_key', 'relative': 'rel_pos', None: 'none'}
 ACTIVATIONS = {'swish': 'swish', 'silu': 'swish', 'gelu': 'gelu', 'gelu_new': 'gelu_tanh',
                'gelu_pytorch_tanh': 'gelu_tanh', 'relu': 'relu'}
-# Source tensors that a base deliberately leaves out.
+# Source tensors that a base deliberately leaves out (regular expressions over full names).
 IGNORED = {
-    'masked_spec_embed': 'the masked-frame embedding of pre-training (not used at inference)',
-    'lm_head.weight': "the CTC head of a fine-tuned checkpoint (a base is the encoder only; "
-                      "adapters train a new head)",
-    'lm_head.bias': 'the CTC head of a fine-tuned checkpoint',
+    r'masked_spec_embed': 'the masked-frame embedding of pre-training (not used at inference)',
+    r'lm_head\.(weight|bias)': 'the CTC head of a fine-tuned checkpoint (a base is the encoder '
+                               'only; adapters train a new head)',
 }
 
 
@@ -186,22 +184,6 @@ def convert(input_dir: str, output_dir: str) -> dict:
   source = common.HFDirectory(input_dir)
   what = f'{input_dir} (--source={SOURCE})'
   config = tpa_config(source.config, source.preprocessor, what)
-  hf = source.config
-  # Names of CTC checkpoints carry the encoder's prefix; the head (lm_head) does not.
-  local = {(name[len(PREFIX):] if name.startswith(PREFIX) else name): name
-           for name in source.shapes}
-  shapes = {name: source.shapes[raw] for name, raw in local.items()}
-  plan = rules(hf)
-  common.check_plan(plan, shapes, IGNORED, what)
-  renamed = [common.Rule(r.target, tuple(local[s] for s in r.sources), r.shape, r.transform,
-                         r.stacked) for r in plan]
-  state = common.assemble(renamed, source, common.abstract_base(config), what)
-  ignored = {name: IGNORED[name] for name in sorted(shapes) if name in IGNORED}
-  path = common.write_base(output_dir, state, config, {
-      'source': {'kind': SOURCE, 'input': source.directory,
-                 'tensors': len(shapes), 'hf_config': hf},
-      'ignored': ignored})
-  num_params = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(state))
-  return {'base': path, 'params': num_params, 'converted_tensors': len(shapes) - len(ignored),
-          'ignored': ignored, 'model': config.model.to_dict(),
-          'features': config.features.to_dict()}
+  return common.convert_directory(source, output_dir, kind=SOURCE, config=config,
+                                  plan=rules(source.config), ignored=IGNORED, prefix=PREFIX,
+                                  what=what)
