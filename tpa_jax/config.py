@@ -227,9 +227,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.num_labels = 8
 
   c.features = fe = ml_collections.ConfigDict()
-  # 'log_mel' (below), or 'kaldi_fbank': Kaldi-compatible fbank (DC offset removal, Povey window,
+  # 'log_mel' (below); 'kaldi_fbank': Kaldi-compatible fbank (DC offset removal, Povey window,
   # Kaldi mel scale) normalised per bin with the unbiased variance, as w2v-BERT 2.0's
-  # SeamlessM4TFeatureExtractor computes it (pair it with model.frontend.kind='stacked').
+  # SeamlessM4TFeatureExtractor computes it (pair it with model.frontend.kind='stacked');
+  # 'nemo_log_mel': FastConformer's (NeMo's centred, Slaney-mel log-mel; floor = 2**-24).
   fe.kind = 'log_mel'
   # Log-mel filterbanks computed on device from 16 kHz audio.
   fe.sample_rate_hz = 16000
