@@ -108,6 +108,33 @@ def test_every_hidden_layer_matches_transformers(variant, tmp_path, mesh1):
     assert np.abs(w[want_mask]).max() > 0.1
 
 
+def test_converted_base_encodes_audio_as_the_reference(tmp_path):
+  """End to end on int16 audio: the converted base's own front end (nemo_log_mel) and encoder
+  against ParakeetFeatureExtractor + ParakeetEncoder (features agree within 1e-3, so outputs
+  are compared at 1e-3)."""
+  model = hf_model(seed=9, **dict(TINY, num_mel_bins=80))
+  model.save_pretrained(str(tmp_path / 'hf'))
+  convert.convert('fastconformer', str(tmp_path / 'hf'), str(tmp_path / 'base'))
+  config = convert.default_config()
+  assert convert.apply_base_config(config, str(tmp_path / 'base'))
+  assert config.features.kind == 'nemo_log_mel' and config.features.num_mels == 80
+
+  rng = np.random.default_rng(2)
+  t = np.arange(9999) / 16000
+  audio = 4000 * np.sin(2 * np.pi * 300 * t) * np.sin(2 * np.pi * 3 * t) + rng.normal(0, 200,
+                                                                                       t.size)
+  audio = audio.astype(np.int16)
+  got = embeddings.encode_audio(config, convert.base_path(str(tmp_path / 'base')), audio)
+
+  inputs = transformers.ParakeetFeatureExtractor()(audio.astype(np.float32) / 32768,
+                                                   sampling_rate=16000, return_tensors='pt')
+  with torch.no_grad():
+    out = model(input_features=inputs['input_features'], attention_mask=inputs['attention_mask'])
+  want = out.last_hidden_state[0][out.attention_mask[0].bool()].numpy()
+  assert got.shape == want.shape == (8, 32)  # 62 frames of 10 ms, x8
+  assert np.abs(got - want).max() <= 1e-3, np.abs(got - want).max()
+
+
 def test_bad_checkpoints_are_refused_with_every_problem_named(tmp_path):
   model = hf_model(seed=4, **TINY)
   hf_dir = str(tmp_path / 'hf')

@@ -11,8 +11,9 @@ import numpy as np
 
 from tpa_jax import fbank
 
-# features.kind: this module's log-mel, or the Kaldi-compatible fbank of w2v-BERT 2.0.
-KINDS = ('log_mel', 'kaldi_fbank')
+# features.kind: this module's log-mel, the Kaldi-compatible fbank of w2v-BERT 2.0, or NeMo's
+# log-mel of FastConformer (tpa_jax/fbank.py).
+KINDS = ('log_mel', 'kaldi_fbank', 'nemo_log_mel')
 
 
 def hz_to_mel(hz):
@@ -112,7 +113,8 @@ class Featurizer:
 
   Built from `config.features` by `from_config`. SpecAugment is applied only when a random key
   is given (training). kind='kaldi_fbank' computes `fbank.kaldi_fbank` with the same window, hop,
-  bins, pre-emphasis and floor, normalised as w2v-BERT 2.0's feature extractor does.
+  bins, pre-emphasis and floor, normalised as w2v-BERT 2.0's feature extractor does;
+  kind='nemo_log_mel' `fbank.nemo_log_mel` (`floor` is its log guard), normalised as NeMo does.
   """
   kind: str = 'log_mel'
   sample_rate_hz: int = 16000
@@ -152,6 +154,8 @@ class Featurizer:
 
   def frames(self, num_samples: int) -> int:
     """Feature frames of an utterance of `num_samples` samples."""
+    if self.kind == 'nemo_log_mel':  # centred frames
+      return num_samples // self.hop
     return max((num_samples - self.window) // self.hop + 1, 0)
 
   def __call__(self, audio_bs: jax.Array, lengths_b: jax.Array,
@@ -161,6 +165,9 @@ class Featurizer:
     if self.kind == 'kaldi_fbank':
       features, mask = fbank.kaldi_fbank(audio_bs, lengths_b, **kw)
       features = fbank.normalize_unbiased(features, mask)
+    elif self.kind == 'nemo_log_mel':
+      features, mask = fbank.nemo_log_mel(audio_bs, lengths_b, **kw)
+      features = fbank.normalize_nemo(features, mask)
     else:
       features, mask = log_mel(audio_bs, lengths_b, **kw)
       features = normalize(features, mask)

@@ -63,8 +63,14 @@ def _hf(hf: dict, key: str):
   return hf.get(key, HF_DEFAULTS[key])
 
 
-def tpa_config(hf: dict, what: str) -> ml_collections.ConfigDict:
-  """The tpa_jax config of a ParakeetEncoderConfig; refuses what the conformer lacks."""
+# ParakeetFeatureExtractor's defaults (preprocessor_config.json).
+FEATURE_DEFAULTS = dict(sampling_rate=16000, hop_length=160, win_length=400, n_fft=512,
+                        preemphasis=0.97)
+
+
+def tpa_config(hf: dict, preprocessor: dict | None, what: str) -> ml_collections.ConfigDict:
+  """The tpa_jax config of a ParakeetEncoderConfig and its feature extractor; refuses what the
+  conformer or the front end lacks."""
   d, h = _hf(hf, 'hidden_size'), _hf(hf, 'num_attention_heads')
   problems = []
   if hf.get('num_key_value_heads', h) != h:
@@ -80,6 +86,14 @@ def tpa_config(hf: dict, what: str) -> ml_collections.ConfigDict:
     problems.append(f'subsampling_factor={factor} must be a power of 2')
   if _hf(hf, 'conv_kernel_size') % 2 == 0:
     problems.append(f"conv_kernel_size={_hf(hf, 'conv_kernel_size')} must be odd")
+  pre = {**FEATURE_DEFAULTS, **(preprocessor or {})}
+  mels = pre.get('feature_size', _hf(hf, 'num_mel_bins'))
+  if mels != _hf(hf, 'num_mel_bins'):
+    problems.append(f"the feature extractor's feature_size={mels} differs from "
+                    f"num_mel_bins={_hf(hf, 'num_mel_bins')}")
+  if pre['n_fft'] != 1 << (pre['win_length'] - 1).bit_length():
+    problems.append(f"n_fft={pre['n_fft']} is not the power of 2 above "
+                    f"win_length={pre['win_length']} (the only FFT size supported)")
   if problems:
     raise common.ConversionError(f'cannot convert {what}: ' + '; '.join(problems))
   config = common.default_config()
@@ -99,7 +113,12 @@ def tpa_config(hf: dict, what: str) -> ml_collections.ConfigDict:
   f.num_layers = int(math.log2(factor))
   f.kernel_size = _hf(hf, 'subsampling_conv_kernel_size')
   f.stride = _hf(hf, 'subsampling_conv_stride')
-  config.features.num_mels = f.input_dim
+  fe, rate = config.features, int(pre['sampling_rate'])
+  fe.kind, fe.num_mels, fe.sample_rate_hz = 'nemo_log_mel', f.input_dim, rate
+  fe.window_ms = 1000.0 * pre['win_length'] / rate
+  fe.hop_ms = 1000.0 * pre['hop_length'] / rate
+  fe.preemphasis = float(pre['preemphasis'] or 0.0)
+  fe.floor = 2.0 ** -24  # NeMo's log guard, added to the energies
   return config
 
 
@@ -202,5 +221,6 @@ def convert(input_dir: str, output_dir: str) -> dict:
   source = common.HFDirectory(input_dir)
   what = f'{input_dir} (--source={SOURCE})'
   hf, prefix = encoder_config(source.config, what)
-  return common.convert_directory(source, output_dir, kind=SOURCE, config=tpa_config(hf, what),
+  config = tpa_config(hf, source.preprocessor, what)
+  return common.convert_directory(source, output_dir, kind=SOURCE, config=config,
                                   plan=rules(hf), ignored=IGNORED, prefix=prefix, what=what)
