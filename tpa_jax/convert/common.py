@@ -91,10 +91,13 @@ class HFDirectory:
     self.shapes: dict[str, tuple[int, ...]] = {}
     for name in files:
       path = os.path.join(self.directory, name)
-      with safe_open(path, 'np') as f:
-        for key in f.keys():
-          self.file_of[key] = path
-          self.shapes[key] = tuple(f.get_slice(key).get_shape())
+      try:
+        with safe_open(path, 'np') as f:
+          for key in f.keys():
+            self.file_of[key] = path
+            self.shapes[key] = tuple(f.get_slice(key).get_shape())
+      except Exception as e:  # pylint: disable=broad-except  (safetensors' own error types)
+        raise ConversionError(f'{path} is not a readable safetensors file: {e}') from e
 
   def _json(self, name: str) -> dict:
     path = os.path.join(self.directory, name)
