@@ -5,23 +5,37 @@ Usage:
   python launch/train.py --config=configs/adapt.py:model=demo,method=tpa --workdir=runs/demo \
       --config.train.num_steps=200 --config.optim.learning_rate=3e-3
 
-Writes metrics.jsonl (one JSON object per logged step) and results.json into --workdir.
+Several processes (one per host; here two on one machine, each with its own devices):
+  python launch/train.py --config=configs/tiny.py --workdir=runs/tiny2 \
+      --coordinator_address=localhost:12345 --num_processes=2 --process_id=0 &
+  python launch/train.py --config=configs/tiny.py --workdir=runs/tiny2 \
+      --coordinator_address=localhost:12345 --num_processes=2 --process_id=1
+
+On a Cloud TPU VM (every worker of a pod slice runs the same command) the process flags are
+left out: the slice's topology is auto-detected. Resuming after a stop is a relaunch of every
+process. Writes metrics.jsonl (one JSON object per logged step), TensorBoard event files
+(tensorboard/) and results.json into --workdir, from process 0.
 """
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
 
-from tpa_jax import training
+from tpa_jax import distributed, training
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics and results.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, results.')
+_DISTRIBUTED = distributed.define_flags()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Collectives between CPU processes (harmless elsewhere); set before the backend starts.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  distributed.initialize_from_flags(_DISTRIBUTED)
   training.quiet_library_logs()
   training.train(_CONFIG.value, _WORKDIR.value)
 

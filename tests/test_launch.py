@@ -1,11 +1,16 @@
 """The launch programs, run as users run them: a subprocess with absl flags."""
 
+import glob
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from flax import nnx
+
+from tpa_jax import checkpoints, models, run_eval, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,16 +21,80 @@ def run(*args, timeout=300):
                         text=True, timeout=timeout)
 
 
-def test_train_writes_metrics_and_learns(tmp_path):
-  result = run('launch/train.py', '--config=configs/tiny.py', f'--workdir={tmp_path}',
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  """A finished launch/train.py run of configs/tiny.py (40 steps) on a 2 x 2 mesh."""
+  workdir = tmp_path_factory.mktemp('tiny_run')
+  result = run('launch/train.py', '--config=configs/tiny.py', f'--workdir={workdir}',
                '--config.mesh.data=2', '--config.mesh.fsdp=2')
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  return workdir
+
+
+def test_train_writes_metrics_and_learns(tiny_run):
+  rows = [json.loads(line) for line in open(tiny_run / 'metrics.jsonl')]
   assert [r['step'] for r in rows] == [10, 20, 30, 40]
   assert rows[-1]['loss'] < 0.5 * rows[0]['loss']
-  results = json.load(open(tmp_path / 'results.json'))
+  assert all(r['utterances_per_second'] > 0 for r in rows)
+  results = json.load(open(tiny_run / 'results.json'))
   assert 0 < results['trainable_fraction'] < 0.5
   assert results['skipped_steps'] == 0
+
+
+def test_train_writes_the_metrics_for_tensorboard(tiny_run):
+  tf = pytest.importorskip('tensorflow')
+  scalars = {}
+  for path in glob.glob(str(tiny_run / 'tensorboard' / 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, {})[event.step] = float(
+            tf.make_ndarray(value.tensor))
+        assert value.metadata.plugin_data.plugin_name == 'scalars'
+  rows = [json.loads(line) for line in open(tiny_run / 'metrics.jsonl')]
+  for key in ('loss', 'grad_norm', 'learning_rate', 'steps_per_second'):
+    assert scalars[f'train/{key}'] == {
+        r['step']: pytest.approx(r[key], rel=1e-6) for r in rows}, key
+
+
+def evaluate(*args):
+  result = run('launch/evaluate.py', *args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_evaluate_scores_the_newest_checkpoint_of_a_run(tiny_run, tmp_path):
+  trained = evaluate(f'--workdir={tiny_run}')  # the config saved with the run
+  assert trained == json.load(open(tiny_run / 'eval_test.json'))
+  assert trained['step'] == 40 and trained['evaluated'] == 'checkpoint'
+  assert trained['num_utterances'] == run_eval.RANDOM_EVAL_BATCHES * 32
+  assert trained['base_fingerprint'] == json.load(open(tiny_run / 'results.json'))[
+      'base_fingerprint']
+  # The same base with the head it started from: the trained adapters and head are what help.
+  config = tiny_config_file()
+  model = models.create_model(config, sharding.make_mesh(**config.mesh))
+  checkpoints.save_state(str(tmp_path / 'head'), nnx.state(model.head))
+  untrained = evaluate(f'--workdir={tmp_path / "base"}', '--config=configs/tiny.py',
+                       f'--head={tmp_path / "head"}')
+  assert untrained['evaluated'] == 'base' and untrained['step'] is None
+  assert trained['wer'] < 0.5 * untrained['wer'], (trained['wer'], untrained['wer'])
+
+
+def test_evaluate_refuses_what_it_cannot_evaluate(tiny_run, tmp_path):
+  other_base = tiny_config_file()
+  other_base.seed = 1
+  with pytest.raises(checkpoints.CheckpointError, match='trained on base'):
+    run_eval.evaluate(other_base, str(tiny_run))
+  with pytest.raises(checkpoints.CheckpointError, match='nothing to evaluate.*--head='):
+    run_eval.evaluate(tiny_config_file(), str(tmp_path))
+  assert not (tmp_path / 'eval_test.json').exists()
+
+
+def tiny_config_file():
+  """configs/tiny.py as launch programs load it."""
+  spec = importlib.util.spec_from_file_location('tiny', os.path.join(ROOT, 'configs', 'tiny.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 @pytest.mark.parametrize('override,message', [

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from tpa_jax.nn.params import AdapterParam
 
@@ -313,15 +314,16 @@ class RunCheckpointer:
   def _discard_after(self, step: int) -> None:
     """Moves step folders newer than `step` (corrupt or uncommitted) out of the way, into
     `<directory>/discarded/`, so the resumed run can save those steps again."""
-    if jax.process_index() != 0:
-      return
-    for s in self.manager.all_steps():
-      if s > step and os.path.isdir(os.path.join(self.directory, str(s))):
-        target = os.path.join(self.directory, 'discarded', f'{s}-{int(time.time())}')
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.replace(os.path.join(self.directory, str(s)), target)
-        logging.warning('moved step folder %d aside to %s (not used: newer than the resumed '
-                        'step %d)', s, target, step)
+    if jax.process_index() == 0:
+      for s in self.manager.all_steps():
+        if s > step and os.path.isdir(os.path.join(self.directory, str(s))):
+          target = os.path.join(self.directory, 'discarded', f'{s}-{int(time.time())}')
+          os.makedirs(os.path.dirname(target), exist_ok=True)
+          os.replace(os.path.join(self.directory, str(s)), target)
+          logging.warning('moved step folder %d aside to %s (not used: newer than the resumed '
+                          'step %d)', s, target, step)
+    if jax.process_count() > 1:  # the others must not list the folders process 0 moves
+      multihost_utils.sync_global_devices(f'tpa_jax: discarded steps after {step}')
     self.manager.reload()
 
   def read_run_info(self, step: int) -> dict:

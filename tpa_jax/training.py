@@ -3,6 +3,10 @@
 `train(config, workdir)` runs one job from a config: on the synthetic random task
 (`data.name='random'`) or on a TFDS speech dataset (audio featurized on device). `fit` is the
 loop itself, shared with the demo.
+
+With several processes (`tpa_jax.distributed`) every process runs this same code: each reads
+its own rows of every global batch, all take part in every step and checkpoint save, and
+process 0 alone writes the metrics and results files.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from tpa_jax import checkpoints, decoding, evaluation, features, models, optim, partition, sharding, synthetic
 from tpa_jax import train_step
+from tpa_jax.metrics import MetricsWriter
 
 
 class _LibraryInfoFilter(std_logging.Filter):
@@ -40,31 +46,47 @@ def quiet_library_logs() -> None:
 
 
 class RandomBatches:
-  """The synthetic learnable task of `tpa_jax.synthetic`, shaped by `config.data`: batch `s` is
-  a function of (seed, s) alone, so the position (`get_state`) is the next batch's index."""
+  """The synthetic learnable task of `tpa_jax.synthetic`, shaped by `config.data`: global batch
+  `s` is a function of (seed, s) alone, so the position (`get_state`) is the next batch's index.
+  Process p of P yields rows [p·B/P, (p+1)·B/P) of each global batch of B rows."""
 
-  def __init__(self, config: ml_collections.ConfigDict, seed: int):
+  def __init__(self, config: ml_collections.ConfigDict, seed: int, *,
+               process_index: int | None = None, process_count: int | None = None):
     self.config, self.seed, self.next_index = config, seed, 0
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    if config.train.batch_size % self.process_count:
+      raise ValueError(f'train.batch_size={config.train.batch_size} does not divide over '
+                       f'{self.process_count} processes; use a multiple of {self.process_count}')
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    c = self.config
-    rng = np.random.default_rng([self.seed, self.next_index])
+    batch = random_batch(self.config, np.random.default_rng([self.seed, self.next_index]),
+                         self.config.train.batch_size)
     self.next_index += 1
-    kw = dict(batch_size=c.train.batch_size, num_frames=c.data.num_frames,
-              input_dim=c.model.frontend.input_dim)
-    if c.head.kind == 'ctc':
-      return synthetic.ctc_batch(rng, vocab_size=c.head.vocab_size,
-                                 num_labels=c.data.num_labels, **kw)
-    return synthetic.classification_batch(rng, num_classes=c.head.num_classes, **kw)
+    per = self.config.train.batch_size // self.process_count
+    rows = slice(self.process_index * per, (self.process_index + 1) * per)
+    return {k: v[rows] for k, v in batch.items()}
 
   def get_state(self) -> dict:
     return {'next_index': self.next_index}
 
   def set_state(self, state: dict) -> None:
     self.next_index = int(state['next_index'])
+
+
+def random_batch(config: ml_collections.ConfigDict, rng: np.random.Generator,
+                 batch_size: int) -> dict:
+  """One whole batch of the synthetic task of `config.head.kind`."""
+  c = config
+  kw = dict(batch_size=batch_size, num_frames=c.data.num_frames,
+            input_dim=c.model.frontend.input_dim)
+  if c.head.kind == 'ctc':
+    return synthetic.ctc_batch(rng, vocab_size=c.head.vocab_size,
+                               num_labels=c.data.num_labels, **kw)
+  return synthetic.classification_batch(rng, num_classes=c.head.num_classes, **kw)
 
 
 def featurizer(config: ml_collections.ConfigDict) -> features.Featurizer:
@@ -118,34 +140,6 @@ def make_run_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   return make_trainer(config, mesh, model), fingerprint
 
 
-class MetricsWriter:
-  """Appends one JSON object per logged step to `workdir/<name>`."""
-
-  def __init__(self, workdir: str, name: str = 'metrics.jsonl'):
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, name)
-
-  def write(self, step: int, metrics: dict) -> None:
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': step, **metrics}) + '\n')
-
-  def truncate_after(self, step: int) -> None:
-    """Drops records of steps after `step` (a resumed run logs them again)."""
-    if not os.path.exists(self.path):
-      return
-    lines = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          if json.loads(line)['step'] <= step:
-            lines.append(line)
-        except (json.JSONDecodeError, KeyError):  # a line torn by a killed run
-          continue
-    with open(self.path + '.tmp', 'w') as f:
-      f.writelines(lines)
-    os.replace(self.path + '.tmp', self.path)
-
-
 def _duration(seconds: float) -> str:
   m, s = divmod(int(round(seconds)), 60)
   return f'{m}m{s:02d}s' if m else f'{s}s'
@@ -167,7 +161,10 @@ def fit(trainer: train_step.Trainer, batches: Iterable[dict], *, num_steps: int,
   utterances, start, first_log, pace = 0, time.perf_counter(), None, 0.0
   for step in range(start_step + 1, num_steps + 1):
     batch = next(iterator)
-    utterances += len(batch['labels'])
+    labels = batch['labels']
+    # A host batch is this process's share of the global batch (all shares are equal).
+    global_rows = isinstance(labels, jax.Array) and not labels.is_fully_addressable
+    utterances += len(labels) * (1 if global_rows else jax.process_count())
     metrics = trainer.step(batch)
     if sync_each_step:
       jax.block_until_ready(metrics)
@@ -211,28 +208,89 @@ def describe(trainer: train_step.Trainer) -> dict:
 
 
 class Preemption:
-  """Notes SIGTERM (what a TPU VM maintenance event sends) so the loop can save at the next
-  step boundary and exit; restores the previous handler on exit."""
+  """Notes SIGTERM (what a TPU VM maintenance event sends) so the loop can save at a step
+  boundary and exit.
+
+  One process: a Python handler (restored on exit) notes the signal, and `reached(step)` is true
+  from the next step boundary on. Several processes: the signal may reach only some of them, and
+  all must save the same step, so JAX's preemption service (started by
+  `jax.distributed.initialize`, which catches SIGTERM itself) agrees on a step that every
+  process reaches; `reached` must then be called at every step by every process.
+  """
 
   def __init__(self):
     self.requested = False
+    self._previous = None
 
   def __enter__(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     logging.warning('SIGTERM: saving at the end of this step, then exiting')
     self.requested = True
 
+  def reached(self, step: int) -> bool:
+    """Whether to save at `step` and stop."""
+    if not self.requested and jax.process_count() > 1:
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+      if self.requested:
+        logging.warning('preemption notice: every process saves step %d, then exits', step)
+    return self.requested
+
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def run_info(config: ml_collections.ConfigDict, fingerprint: dict) -> dict:
   """What a run checkpoint records besides arrays: the config, adapter fields and base."""
   return {'config': json.loads(config.to_json_best_effort()), 'base_fingerprint': fingerprint,
           'adapter': {k: config.adapter[k] for k in checkpoints.ADAPTER_FIELDS}}
+
+
+def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh):
+  """(speech data, tokenizer) of `config.data` (both None for the random task), prepared; sets
+  the head's size from the data (the tokenizer's vocabulary or the number of classes)."""
+  if config.data.name == 'random':
+    return None, None
+  # Imported here: the speech pipeline needs TFDS (and the `speech` extra for the corpus).
+  from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
+  data = datasets.SpeechData.open(
+      config.data, workdir=workdir, task=config.head.kind, frames=output_frames(config),
+      data_ways=mesh.shape['data'] * mesh.shape['fsdp'])
+  data.prepare()
+  tokenizer = None
+  with config.unlocked():
+    if config.head.kind == 'ctc':
+      tokenizer = data.tokenizer(config.tokenizer, os.path.join(workdir, 'tokenizers'))
+      config.head.vocab_size = tokenizer.vocab_size
+    else:
+      config.head.num_classes = data.num_classes
+  return data, tokenizer
+
+
+def evaluate_speech(config: ml_collections.ConfigDict, trainer: train_step.Trainer, data,
+                    tokenizer, split: str, *, model=None) -> dict:
+  """WER/CER (CTC, with `config.decoding`) or accuracy on `split` of `model` (default: the
+  trainer's current model)."""
+  evaluator = evaluation.Evaluator(config.head.kind, trainer.featurizer, trainer.mesh)
+  decoder = None
+  if config.head.kind == 'ctc':
+    decoder = decoding.make_decoder(config.decoding, tokenizer,
+                                    lambda: data.texts(config.data.train_split))
+  return evaluator.evaluate(model if model is not None else trainer.model(),
+                            data.eval_batches(split, tokenizer), tokenizer, decoder=decoder)
+
+
+def write_json(path: str, value: dict) -> None:
+  """Writes `value` to `path` from process 0 (atomically: a reader never sees half a file)."""
+  if jax.process_index() != 0:
+    return
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + '.tmp', path)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -246,21 +304,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preemption) -> dict:
   mesh = sharding.make_mesh(**config.mesh)
-  data = tokenizer = None
-  if config.data.name != 'random':
-    # Imported here: the speech pipeline needs TFDS (and the `speech` extra for the corpus).
-    from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
-    data = datasets.SpeechData.open(
-        config.data, workdir=workdir, task=config.head.kind, frames=output_frames(config),
-        data_ways=mesh.shape['data'] * mesh.shape['fsdp'])
-    data.prepare()
-    with config.unlocked():
-      if config.head.kind == 'ctc':
-        tokenizer = data.tokenizer(config.tokenizer, os.path.join(workdir, 'tokenizers'))
-        config.head.vocab_size = tokenizer.vocab_size
-      else:
-        config.head.num_classes = data.num_classes
-
+  data, tokenizer = open_data(config, workdir, mesh)
   trainer, fingerprint = make_run_trainer(config, mesh)
   info = describe(trainer)
   num_steps = config.train.num_steps
@@ -277,6 +321,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
                                      keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save)
   record = run_info(config, fingerprint)
+  writer = None
   try:
     restored = ckpt.restore_latest(
         trainer.state, check=lambda info: checkpoints.check_compatible(
@@ -290,15 +335,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
     writer.truncate_after(start)  # steps after the checkpoint are run again
 
     def after_step(step: int) -> bool:
-      if step % every == 0 or step == num_steps or preemption.requested:
+      # Every process asks at every step: with several, they agree on the step to stop at.
+      stop = preemption.reached(step)
+      if step % every == 0 or step == num_steps or stop:
         ckpt.save(step, trainer.state, data_state=batches.get_state(), run_info=record)
-      return preemption.requested
+      return stop
 
     curve = fit(trainer, batches, num_steps=num_steps, writer=writer,
                 log_every=config.train.log_every_steps, start_step=start,
                 after_step=after_step)
   finally:
     ckpt.close()
+    if writer is not None:
+      writer.close()
   step = int(jax.device_get(trainer.state.step))
   results = {**(curve[-1] if curve else {'step': step}), **info, 'step': step,
              'base_fingerprint': fingerprint['id'], 'preempted': preemption.requested}
@@ -306,15 +355,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
     logging.warning('preempted: step %d is saved in %s; relaunch to resume', step,
                     ckpt.directory)
   elif data is not None:
-    evaluator = evaluation.Evaluator(config.head.kind, trainer.featurizer, mesh)
-    decoder = None
-    if config.head.kind == 'ctc':
-      decoder = decoding.make_decoder(config.decoding, tokenizer,
-                                      lambda: data.texts(config.data.train_split))
-    results['eval'] = evaluator.evaluate(
-        trainer.model(), data.eval_batches(config.data.eval_split, tokenizer), tokenizer,
-        decoder=decoder)
+    results['eval'] = evaluate_speech(config, trainer, data, tokenizer, config.data.eval_split)
     logging.info('evaluation on %s: %s', config.data.eval_split, results['eval'])
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+  write_json(os.path.join(workdir, 'results.json'), results)
   return results

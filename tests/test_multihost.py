@@ -1,0 +1,246 @@
+"""Several JAX processes as one job, on localhost: 2 processes x 2 CPU devices (gloo collectives)
+train, are preempted, save, resume, and end where one process on 4 devices ends.
+
+Each process is a real `launch/train.py` run with --coordinator_address/--num_processes/
+--process_id. When one of them hangs or dies the others may wait in a collective: every wait
+here has a deadline, after which all processes are killed and the test fails with their logs.
+"""
+
+import json
+import re
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tpa_jax import distributed, training
+from tpa_jax.data import pipeline
+
+from conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 16
+DEADLINE_SECONDS = 480
+COMMON = ('--config=configs/tiny.py', '--config.mesh.data=2', '--config.mesh.fsdp=2',
+          # A constant rate after warmup: the rate at a step does not depend on num_steps, so
+          # a run stopped early and resumed to NUM_STEPS follows the same path.
+          '--config.optim.schedule=constant', '--config.train.log_every_steps=2',
+          '--config.checkpoint.every_steps=10')
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+class Job:
+  """Processes of one launch, their logs in files (a full pipe would block a process)."""
+
+  def __init__(self, log_dir, name):
+    self.log_dir, self.name, self.procs, self.logs = log_dir, name, [], []
+
+  def start(self, workdir, devices, *flags):
+    log = os.path.join(self.log_dir, f'{self.name}-{len(self.procs)}.log')
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+               JAX_PLATFORMS='cpu')
+    with open(log, 'w') as f:
+      self.procs.append(subprocess.Popen(
+          [sys.executable, 'launch/train.py', *COMMON, f'--workdir={workdir}', *flags],
+          cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+    self.logs.append(log)
+    return self
+
+  def start_processes(self, workdir, count, *flags):
+    port = free_port()
+    for p in range(count):
+      self.start(workdir, 4 // count, f'--coordinator_address=localhost:{port}',
+                 f'--num_processes={count}', f'--process_id={p}', *flags)
+    return self
+
+  def log(self, i):
+    with open(self.logs[i]) as f:
+      return f.read()
+
+  def fail(self, message):
+    for proc in self.procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    tails = '\n'.join(f'--- {log} ---\n' + self.log(i)[-3000:] for i, log in enumerate(self.logs))
+    pytest.fail(f'{self.name}: {message}\n{tails}')
+
+  def wait(self, deadline):
+    while any(p.poll() is None for p in self.procs):
+      if time.time() > deadline:
+        self.fail('did not finish in time (a process hung or waits for a dead peer)')
+      time.sleep(0.2)
+    codes = [p.returncode for p in self.procs]
+    if any(codes):
+      self.fail(f'exit codes {codes}')
+
+
+def logged_steps(workdir):
+  try:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      return [json.loads(line)['step'] for line in f if line.endswith('\n')]
+  except FileNotFoundError:
+    return []
+
+
+def committed(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(s) for s in os.listdir(d)
+                if s.isdigit() and os.path.exists(os.path.join(d, s, 'commit_success.txt')))
+
+
+def saved_state(workdir, step):
+  """The arrays of a saved TrainState as host arrays, whatever topology saved them."""
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  with ocp.PyTreeCheckpointer() as c:
+    tree = c.metadata(path).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = c.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """A 2-process run preempted by a SIGTERM to process 1 alone, then relaunched to NUM_STEPS;
+  and the same config in one process on 4 devices."""
+  base = tmp_path_factory.mktemp('multihost')
+  two, one = str(base / 'two'), str(base / 'one')
+  deadline = time.time() + DEADLINE_SECONDS
+  reference = Job(str(base), 'one-process').start(one, 4, f'--config.train.num_steps={NUM_STEPS}')
+  first = Job(str(base), 'two-processes').start_processes(two, 2, '--config.train.num_steps=1000')
+  while not logged_steps(two) or max(logged_steps(two)) < 4:
+    if time.time() > deadline or any(p.poll() is not None for p in first.procs):
+      first.procs += reference.procs  # (killed with the others)
+      first.fail('ended or hung before step 4')
+    time.sleep(0.1)
+  first.procs[1].send_signal(signal.SIGTERM)  # a maintenance event on one host only
+  first.wait(deadline)
+  stopped_at = committed(two)
+  results = json.load(open(os.path.join(two, 'results.json')))
+  reference.wait(deadline)
+
+  deadline = time.time() + DEADLINE_SECONDS
+  resumed = Job(str(base), 'resumed').start_processes(two, 2,
+                                                      f'--config.train.num_steps={NUM_STEPS}')
+  resumed.wait(deadline)
+  return dict(two=two, one=one, first=first, stopped_at=stopped_at, results=results,
+              resumed=resumed)
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_saved_step(runs):
+  stopped_at = runs['stopped_at']
+  assert len(stopped_at) == 1, stopped_at
+  step = stopped_at[0]
+  assert 4 < step < NUM_STEPS
+  assert runs['results']['preempted'] is True and runs['results']['step'] == step
+  for i in range(2):
+    assert f'every process saves step {step}, then exits' in runs['first'].log(i)
+
+
+def test_resumed_two_process_run_equals_the_one_process_run(runs):
+  for i in range(2):
+    assert f'resumed from step {runs["stopped_at"][0]}' in runs['resumed'].log(i)
+  two, one = saved_state(runs['two'], NUM_STEPS), saved_state(runs['one'], NUM_STEPS)
+  assert two.keys() == one.keys()
+  for key in one:
+    # Cross-process all-reduces sum in another order than one process's: equal up to float
+    # rounding (a process reading the other's rows is off by ~1e-1).
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=5e-5, err_msg=key)
+  assert any('adapter' in k for k in one) and any('head' in k for k in one)
+
+
+def test_only_process_zero_writes_the_metrics(runs):
+  # Each logged step once: process 1 wrote nothing, and the resumed run replaced what the
+  # first one logged after its checkpoint.
+  assert logged_steps(runs['two']) == list(range(2, NUM_STEPS + 1, 2))
+  assert os.listdir(os.path.join(runs['two'], 'tensorboard'))
+
+
+# -- in one process: the shards each process reads --------------------------------------------
+
+def test_random_batches_give_each_process_its_own_rows():
+  config = tiny_config()
+  config.train.batch_size = 8
+  whole = next(training.RandomBatches(config, 3, process_index=0, process_count=1))
+  parts = [next(training.RandomBatches(config, 3, process_index=p, process_count=4))
+           for p in range(4)]
+  for key, value in whole.items():
+    np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value)
+  with pytest.raises(ValueError, match='train.batch_size=8 does not divide over 3 processes'):
+    training.RandomBatches(config, 3, process_index=0, process_count=3)
+
+
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_every_process_yields_as_many_batches_of_the_same_shapes(process_count):
+  """No process may wait in a collective for a batch that another process never yields."""
+  rng = np.random.default_rng(0)
+  # Uneven buckets: many short utterances, few long ones, some unusable.
+  lengths = np.concatenate([rng.integers(100, 1000, 150), rng.integers(1000, 4000, 30)])
+  keep = rng.random(len(lengths)) > 0.1
+  index = pipeline.SplitIndex(np.where(keep, lengths, 0), keep, {'too_long': int((~keep).sum())})
+  buckets = (pipeline.Bucket(1000, 8), pipeline.Bucket(4000, 4))
+  source = [{'id': i} for i in range(len(lengths))]
+
+  def collate(examples, max_samples):
+    return {'ids': np.array([e['id'] for e in examples]), 'max_samples': np.array(max_samples)}
+
+  num_batches = 40  # several epochs
+  streams = [list(pipeline.BatchLoader(source, index, buckets, collate, seed=1,
+                                       num_batches=num_batches, process_index=p,
+                                       process_count=process_count, num_threads=1))
+             for p in range(process_count)]
+  assert [len(s) for s in streams] == [num_batches] * process_count
+  whole = pipeline.BatchLoader(source, index, buckets, collate, seed=1, num_batches=num_batches)
+  for step, batches in enumerate(zip(*streams)):
+    assert len({int(b['max_samples']) for b in batches}) == 1, step  # one bucket per step
+    assert len({len(b['ids']) for b in batches}) == 1, step
+    np.testing.assert_array_equal(np.concatenate([b['ids'] for b in batches]),
+                                  whole.global_indices(step))
+
+
+# -- flags ------------------------------------------------------------------------------------
+
+def test_distributed_flags_single_host_and_tpu_detection(tmp_path):
+  no_tpu = str(tmp_path / 'cpu')
+  assert distributed.initialize_args(sysfs=no_tpu) is None
+  assert distributed.initialize_args('10.0.0.2:1234', 4, 3, sysfs=no_tpu) == {
+      'coordinator_address': '10.0.0.2:1234', 'num_processes': 4, 'process_id': 3}
+
+  def pci(root, name, vendor, device, cls):
+    d = tmp_path / root / 'bus' / 'pci' / 'devices' / name
+    d.mkdir(parents=True)
+    for field, value in (('vendor', vendor), ('device', device), ('class', cls)):
+      (d / field).write_text(value + '\n')
+    return str(tmp_path / root)
+
+  gvnic = pci('gce', '0000:00:04.0', '0x1ae0', '0x0042', '0x020000')  # Google's network card
+  assert distributed.tpu_chips(gvnic) == 0 and distributed.initialize_args(sysfs=gvnic) is None
+  tpu = pci('tpu', '0000:00:05.0', '0x1ae0', '0x0063', '0x120000')  # a v5e chip
+  assert distributed.tpu_chips(tpu) == 1
+  assert distributed.initialize_args(sysfs=tpu) == {}  # JAX auto-detects the slice
+
+
+@pytest.mark.parametrize('args,message', [
+    (('localhost:1234', None, 0), 'missing: --num_processes'),
+    ((None, 2, None), 'missing: --coordinator_address, --process_id'),
+    (('localhost', 2, 0), "--coordinator_address='localhost': expected host:port"),
+    (('localhost:99999', 2, 0), 'a port in 1..65535'),
+    (('localhost:1234', 0, 0), '--num_processes=0: expected a positive integer'),
+    (('localhost:1234', 2, 2), '--process_id=2: expected 0 .. 1'),
+])
+def test_bad_distributed_flags_are_named(args, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    distributed.initialize_args(*args, sysfs='/nonexistent')
