@@ -259,3 +259,24 @@ def test_accumulation_needs_a_batch_that_splits_over_steps_and_devices(mesh22):
   assert trainer._executables == {}
   with pytest.raises(ValueError, match=r'train.grad_accum_steps=0: accepted values are positive'):
     make_accum_trainer(config, mesh22, 0)
+
+
+def test_audio_is_featurized_per_device_exactly_as_on_one(mesh22):
+  """The step computes each device's rows of features on that device (the FFT would otherwise
+  gather the global batch onto every device); SpecAugment stays drawn for the whole batch."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from tpa_jax import features as features_lib
+  featurizer = features_lib.Featurizer.from_config(tiny_config().features)
+  rng = np.random.default_rng(0)
+  audio = rng.integers(-3000, 3000, (4, 8000)).astype(np.int16)
+  lengths = np.array([8000, 6000, 4000, 7000], np.int32)
+  key = jax.random.key(5)
+  expected = jax.jit(featurizer)(jnp.asarray(audio), jnp.asarray(lengths), key)
+  rows = NamedSharding(mesh22, P(('data', 'fsdp')))
+  with jax.set_mesh(mesh22):
+    got = jax.jit(lambda a, n: train_step.batch_inputs({'audio': a, 'audio_lengths': n},
+                                                       featurizer, key))(
+        jax.device_put(audio, rows), jax.device_put(lengths, rows))
+  for e, g in zip(expected, got):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
+  assert not np.all(np.asarray(got[0]) == np.asarray(featurizer(audio, lengths)[0]))  # augmented

@@ -5,6 +5,7 @@ Config files in `configs/` compose these: `configs/adapt.py:model=tiny,method=tp
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -307,8 +308,9 @@ def adapt_config(arg: str | None = None) -> ml_collections.ConfigDict:
   method = args.get('method', 'tpa')
   apply_method(c, method)
   if ('blocks' in args or 'bottleneck' in args) and c.adapter.placement == 'none':
+    with_adapters = tuple(m for m, v in METHODS.items() if v['placement'] != 'none')
     raise ValueError(f'blocks= and bottleneck= select adapters, and method={method!r} has none; '
-                     f'accepted with: {tuple(m for m, v in METHODS.items() if v["placement"] != "none")}')
+                     f'accepted with: {with_adapters}')
   if 'blocks' in args:
     # Imported here: config files stay importable without jax until a selection is checked.
     from tpa_jax.nn import adapters  # pylint: disable=import-outside-toplevel
@@ -352,6 +354,37 @@ def synthetic_domains() -> tuple[str, ...]:
     with open(path) as f:
       names.extend(json.load(f))
   return tuple(names)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of 'configs/x.py[:arg]', as `--config=` loads it (`get_config(arg)`)."""
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_config_file', path)
+  if module_spec is None or not os.path.isfile(path):
+    raise ValueError(f'--config={spec!r}: no config file {path!r}')
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def check_overrides(config: ml_collections.ConfigDict, argv: list[str],
+                    flag: str = 'config') -> None:
+  """Raises a ValueError naming the first `--config.a.b=...` of `argv` whose field `config`
+  lacks, with the fields accepted at that level (config_flags reports only the missing key)."""
+  prefix = f'--{flag}.'
+  for arg in argv:
+    if not arg.startswith(prefix):
+      continue
+    path = arg[len(prefix):].split('=', 1)[0]
+    node = config
+    parts = path.split('.')
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = '.'.join([flag, *parts[:i]])
+        accepted = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise ValueError(f'--{flag}.{path}: {where} has no field {part!r}; accepted fields of '
+                         f'{where}: {accepted}')
+      node = node[part]
 
 
 def _positive_int(key: str, value: str) -> int:

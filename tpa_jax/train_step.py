@@ -20,6 +20,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tpa_jax import features as features_lib
 from tpa_jax import losses, partition, sharding
 from tpa_jax.features import Featurizer
 from tpa_jax.nn.model import SpeechModel
@@ -58,8 +59,30 @@ def batch_inputs(batch: dict[str, jax.Array], featurizer: Featurizer | None,
   if 'audio' in batch:
     if featurizer is None:
       raise ValueError('a batch with audio needs a featurizer (config.features)')
-    return featurizer(batch['audio'], batch['audio_lengths'], key)
+    features, mask = _featurize_rows(featurizer, batch['audio'], batch['audio_lengths'])
+    if key is not None and featurizer.spec_augment:
+      # As Featurizer.__call__ with a key: SpecAugment on the normalised features, drawn for
+      # the whole batch, so the masks do not depend on how the batch is split.
+      f = featurizer
+      features = features_lib.spec_augment(
+          key, features, mask, num_freq_masks=f.num_freq_masks, max_freq_width=f.max_freq_width,
+          num_time_masks=f.num_time_masks, max_time_fraction=f.max_time_fraction,
+          max_time_width=f.max_time_width)
+    return features, mask
   return batch['features'], batch['feature_mask']
+
+
+def _featurize_rows(featurizer: Featurizer, audio_bs: jax.Array,
+                    lengths_b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Features of each device's rows, computed on that device (they are per utterance). Left to
+  the partitioner, the FFT gathers the whole global batch onto every device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return featurizer(audio_bs, lengths_b)
+  rows = sharding.logical_to_spec(('batch',), mesh_axis_names=mesh.axis_names)[0]
+  return jax.shard_map(lambda a, n: featurizer(a, n), mesh=mesh,
+                       in_specs=(P(rows, None), P(rows)),
+                       out_specs=(P(rows, None, None), P(rows, None)))(audio_bs, lengths_b)
 
 
 # Metrics summed over micro-batches; the others are averaged with the loss's weights.
