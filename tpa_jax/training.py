@@ -126,7 +126,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       model, optimizer, schedule, task=config.head.kind, trainable=config.train.trainable,
       frozen_dtype=frozen_dtype, mesh=mesh,
       featurizer=featurizer(config) if config.data.name != 'random' else None,
-      seed=config.seed)
+      seed=config.seed, grad_accum_steps=config.train.grad_accum_steps)
 
 
 def make_run_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
@@ -259,7 +259,8 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
   from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
   data = datasets.SpeechData.open(
       config.data, workdir=workdir, task=config.head.kind, frames=output_frames(config),
-      data_ways=mesh.shape['data'] * mesh.shape['fsdp'])
+      # Each batch splits into grad_accum_steps micro-batches, each over the data axes.
+      data_ways=mesh.shape['data'] * mesh.shape['fsdp'] * config.train.grad_accum_steps)
   data.prepare()
   tokenizer = None
   with config.unlocked():
