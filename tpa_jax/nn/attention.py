@@ -24,6 +24,38 @@ def sinusoid_table(positions: jax.Array, dim: int) -> jax.Array:
   return table.reshape(positions.shape[0], -1)[:, :dim]
 
 
+def relative_shift(x_bhtp: jax.Array) -> jax.Array:
+  """y[..., i, j] = x[..., i, (t-1) - i + j] for x over 2t-1 relative positions, [.., t, 2t-1] ->
+  [.., t, t].
+
+  Reshapes and slices only (the Transformer-XL shift): a gather here would turn into a scatter
+  in the gradient, which is slow on CPU and GPU. In the flattened rows, entry (i, (t-1) - i + j)
+  sits at (t-1) + i·(2t-2) + j.
+  """
+  *lead, t, p = x_bhtp.shape
+  if p != 2 * t - 1:
+    raise ValueError(f'relative_shift needs 2t-1 = {2 * t - 1} positions, got {p}')
+  if t == 1:
+    return x_bhtp
+  flat = x_bhtp.reshape(*lead, t * p)[..., t - 1:t - 1 + t * (2 * t - 2)]
+  return flat.reshape(*lead, t, 2 * t - 2)[..., :t]
+
+
+def _clip_distances(x_btr: jax.Array, t: int, left: int, right: int) -> jax.Array:
+  """A table over distances -left..right spread over distances -(t-1)..t-1 (entry p is distance
+  p - (t-1), the order `relative_shift` reads for distances j - i), each distance clipped to
+  [-left, right]: slices and broadcasts only, so the gradient has no scatter."""
+  lo, hi = -(t - 1), t - 1
+  parts = []
+  if lo < -left:  # distances below -left read its row
+    parts.append(jnp.broadcast_to(x_btr[..., :1], x_btr.shape[:-1] + (-left - lo,)))
+  a, b = max(lo, -left), min(hi, right)
+  parts.append(x_btr[..., a + left:b + left + 1])
+  if hi > right:  # distances above `right` read its row
+    parts.append(jnp.broadcast_to(x_btr[..., -1:], x_btr.shape[:-1] + (hi - right,)))
+  return jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
 class SelfAttention(nnx.Module):
   """Pre-norm multi-head self-attention over padded sequences (the conformer MHSA module).
 
@@ -66,25 +98,21 @@ class SelfAttention(nnx.Module):
 
   def _position_scores(self, q_bthk: jax.Array, t: int) -> jax.Array | None:
     """The positional term of the scores, [B, H, T, T], before the 1/sqrt(d_head) scaling."""
-    i = jnp.arange(t)[:, None]
-    j = jnp.arange(t)[None, :]
     if self.position == 'relative_key':
       table_rk = self.distance_table[...].astype(self.dtype)
       qe_bhtr = jnp.einsum('bthk,rk->bhtr', q_bthk, table_rk)
-      index_tt = jnp.clip(j - i, -self.left_max, self.right_max) + self.left_max
+      # Row r of the table is distance r - left; spread it over every distance -(t-1)..t-1.
+      qe_bhtp = _clip_distances(qe_bhtr, t, self.left_max, self.right_max)
     elif self.position == 'rel_pos':
       # Relative distances i - j from t-1 down to -(t-1); entry p holds distance (t-1) - p.
       positions = jnp.arange(t - 1, -t, -1)
       pos_pd = sinusoid_table(positions, self.dim).astype(self.dtype)
       pos_phk = self.pos_proj(pos_pd)
       q_v = q_bthk + self.pos_bias_v[...].astype(self.dtype)
-      qe_bhtr = jnp.einsum('bthk,phk->bhtp', q_v, pos_phk)
-      index_tt = (t - 1) - i + j
+      qe_bhtp = jnp.einsum('bthk,phk->bhtp', q_v, pos_phk)
     else:
       return None
-    # Indices broadcast over batch and heads: a [B, H, T, T] index array would be materialised
-    # for the gradient (1.07 GiB per device for 8 x 30 s at 40 ms frames and 16 heads).
-    return jnp.take_along_axis(qe_bhtr, index_tt[None, None], axis=-1)
+    return relative_shift(qe_bhtp)
 
   def __call__(self, x_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
     h_btd = self.norm(x_btd)
