@@ -13,15 +13,21 @@ TEST_WORKERS ?= 2
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,speech]'
+	touch $@
+
+# The parity tests' reference implementations (torch, transformers): the tests need them, the
+# demo does not, so `make demo` does not spend its time budget installing them.
+$(VENV)/.installed-parity: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test,speech,parity]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-parity
 
 demo: $(VENV)/.installed
 	$(PY) launch/demo.py --config=configs/demo.py --workdir=$(WORKDIR)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-parity
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 bench: $(VENV)/.installed

