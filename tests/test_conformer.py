@@ -112,6 +112,23 @@ def test_attention_positions_match_their_definitions(position):
                              _reference_scores(q, k, position, attn), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('t', [1, 2, 5, 40])
+def test_relative_shift_equals_the_gather_it_replaces(t):
+  # Sequences shorter than the clipping window (t <= left) and longer than it on both sides.
+  from tpa_jax.nn import attention as attention_lib
+  rng = np.random.default_rng(t)
+  i, j = np.arange(t)[:, None], np.arange(t)[None]
+  for left, right in ((3, 1), (0, 0), (8, 2)):
+    x = rng.normal(size=(2, 3, t, left + right + 1)).astype(np.float32)
+    index = np.broadcast_to(np.clip(j - i, -left, right) + left, (2, 3, t, t))
+    got = attention_lib.relative_shift(attention_lib._clip_distances(jnp.asarray(x), t, left, right))
+    np.testing.assert_array_equal(np.asarray(got), np.take_along_axis(x, index, -1))
+  x = rng.normal(size=(2, 3, t, 2 * t - 1)).astype(np.float32)
+  index = np.broadcast_to((t - 1) - i + j, (2, 3, t, t))
+  np.testing.assert_array_equal(np.asarray(attention_lib.relative_shift(jnp.asarray(x))),
+                                np.take_along_axis(x, index, -1))
+
+
 def test_frozen_prefix_depth_follows_the_trainable_weights():
   cases = {('full', 'all'): None, ('tpa', 'all'): 0, ('tpa', '2:4'): 2, ('tpa', '1,3'): 1,
            ('head', 'all'): 4}
