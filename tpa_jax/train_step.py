@@ -227,7 +227,12 @@ class Trainer:
       raise ValueError('an audio batch needs a trainer with a featurizer (config.features)')
     losses.check_labels(self.task, batch)
     data_ways = self.mesh.shape['data'] * self.mesh.shape['fsdp']
-    size = batch[keys[0]].shape[0]
+    rows = batch[keys[0]]
+    size = rows.shape[0]
+    # With several processes a host batch holds this process's rows of the global batch.
+    if jax.process_count() > 1 and not (isinstance(rows, jax.Array)
+                                        and not rows.is_fully_addressable):
+      size *= jax.process_count()
     if self.grad_accum_steps > 1:
       multiple = self.grad_accum_steps * data_ways
       if size % multiple:
