@@ -1,5 +1,6 @@
 """Test harness: 4 simulated CPU devices (set before jax is imported) and small shared helpers."""
 
+import json
 import os
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -30,6 +31,15 @@ def ctc_batch(config, seed: int = 0, batch_size: int = 4, num_frames: int = 64):
   return synthetic.ctc_batch(np.random.default_rng(seed), batch_size=batch_size,
                              num_frames=num_frames, input_dim=config.model.frontend.input_dim,
                              vocab_size=config.head.vocab_size, num_labels=6)
+
+
+def logged_steps(workdir):
+  """Steps of the complete lines of a run's metrics.jsonl (a killed run may leave a torn one)."""
+  try:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      return [json.loads(line)['step'] for line in f if line.endswith('\n')]
+  except FileNotFoundError:
+    return []
 
 
 @pytest.fixture(scope='session')

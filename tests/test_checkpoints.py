@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
+from conftest import logged_steps, tiny_config
 from tpa_jax import checkpoints, models, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,14 +126,6 @@ def test_uninterrupted_run_saves_the_adapter_state_with_its_run(uninterrupted):
   assert run['config']['train']['num_steps'] == NUM_STEPS
   assert len(run['base_fingerprint']['id']) == 16
   assert json.load(open(os.path.join(step_dir, 'data', 'metadata'))) == {'next_index': NUM_STEPS}
-
-
-def logged_steps(workdir):
-  try:
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      return [json.loads(line)['step'] for line in f if line.endswith('\n')]
-  except FileNotFoundError:
-    return []
 
 
 def test_sigkill_at_a_random_step_then_relaunch_is_bit_identical(uninterrupted, tmp_path):

@@ -23,7 +23,7 @@ import pytest
 from tpa_jax import distributed, training
 from tpa_jax.data import pipeline
 
-from conftest import tiny_config
+from conftest import logged_steps, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 16
@@ -85,14 +85,6 @@ class Job:
     codes = [p.returncode for p in self.procs]
     if any(codes):
       self.fail(f'exit codes {codes}')
-
-
-def logged_steps(workdir):
-  try:
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      return [json.loads(line)['step'] for line in f if line.endswith('\n')]
-  except FileNotFoundError:
-    return []
 
 
 def committed(workdir):
