@@ -98,16 +98,16 @@ class SelfAttention(nnx.Module):
 
   def _position_scores(self, q_bthk: jax.Array, t: int) -> jax.Array | None:
     """The positional term of the scores, [B, H, T, T], before the 1/sqrt(d_head) scaling."""
+    # A symbolic length (jax.export) has no concrete clipping or shift: it gathers instead.
+    concrete = isinstance(t, int)
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
     if self.position == 'relative_key':
       table_rk = self.distance_table[...].astype(self.dtype)
-      qe_bhtr = jnp.einsum('bthk,rk->bhtr', q_bthk, table_rk)
-      if not isinstance(t, int):
-        # A symbolic length (jax.export) has no concrete clipping or shift: gather instead.
-        i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-        index_tt = jnp.clip(j - i, -self.left_max, self.right_max) + self.left_max
-        return jnp.take_along_axis(qe_bhtr, index_tt[None, None], axis=-1)
-      # Row r of the table is distance r - left; spread it over every distance -(t-1)..t-1.
-      qe_bhtp = _clip_distances(qe_bhtr, t, self.left_max, self.right_max)
+      qe_bhtp = jnp.einsum('bthk,rk->bhtr', q_bthk, table_rk)
+      if concrete:
+        # Row r of the table is distance r - left; spread it over every distance -(t-1)..t-1.
+        qe_bhtp = _clip_distances(qe_bhtp, t, self.left_max, self.right_max)
+      index_tt = jnp.clip(j - i, -self.left_max, self.right_max) + self.left_max
     elif self.position == 'rel_pos':
       # Relative distances i - j from t-1 down to -(t-1); entry p holds distance (t-1) - p.
       positions = jnp.arange(t - 1, -t, -1)
@@ -115,11 +115,11 @@ class SelfAttention(nnx.Module):
       pos_phk = self.pos_proj(pos_pd)
       q_v = q_bthk + self.pos_bias_v[...].astype(self.dtype)
       qe_bhtp = jnp.einsum('bthk,phk->bhtp', q_v, pos_phk)
-      if not isinstance(t, int):
-        index_tt = (t - 1) - jnp.arange(t)[:, None] + jnp.arange(t)[None, :]
-        return jnp.take_along_axis(qe_bhtp, index_tt[None, None], axis=-1)
+      index_tt = (t - 1) - i + j
     else:
       return None
+    if not concrete:
+      return jnp.take_along_axis(qe_bhtp, index_tt[None, None], axis=-1)
     return relative_shift(qe_bhtp)
 
   def __call__(self, x_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
