@@ -43,7 +43,7 @@ def get_config(arg=None):
       method='full', num_steps=2300, learning_rate=3e-3, warmup_steps=150))
   # Adaptation: the base is frozen; TPA adapters and a new CTC head train.
   d.adapt = ml_collections.ConfigDict(dict(
-      method='tpa', bottleneck=32, num_steps=300, learning_rate=3e-3, warmup_steps=50))
+      method='tpa', bottleneck=32, num_steps=250, learning_rate=3e-3, warmup_steps=50))
 
   if arg == 'tiny':  # the same pipeline in seconds (tests): a tiny corpus and model
     c.model.update(dict(dim=32, num_blocks=2, num_heads=2, ffn_dim=64, conv_kernel_size=5))

@@ -9,17 +9,19 @@ import os
 
 import numpy as np
 import pytest
+import scipy.signal
 import tensorflow_datasets as tfds
 
 from tpa_jax import config as config_lib
 from tpa_jax import decoding, evaluation
+from tpa_jax.data import audio as audio_lib
 from tpa_jax.data import datasets, pipeline, speech_corpus, synthesis
 from tpa_jax.data import tokenizer as tokenizer_lib
 from tpa_jax.data.text import SentenceGenerator
 
 
 def small_domain(**fields):
-  base = dict(name='unit', version='1.0.0', languages=('en', 'es'),
+  base = dict(name='unit', version=speech_corpus.VERSION, languages=('en', 'es'),
               voices={'en': ['en-us+m3', 'en+f2'], 'es': ['es+m1']},
               sizes={'train': 10, 'validation': 2, 'test': 4}, min_words=3, max_words=5)
   return speech_corpus.SpeechDomain(**{**base, **fields})
@@ -74,6 +76,18 @@ def test_espeak_synthesis_is_deterministic_16khz_speech():
   assert 9.0 < snr < 11.0
   with pytest.raises(ValueError, match="no voice 'xx-nowhere'"):
     synthesis.synthesize(dataclasses.replace(utt, voice='xx-nowhere'))
+
+
+def test_resampling_equals_scipy_default_filter():
+  # The low-pass filter is designed once per rate pair; the output must stay what
+  # resample_poly's own filter gives (the corpus audio depends on it).
+  rng = np.random.default_rng(0)
+  for n in (1, 7, 22050, 70001):
+    x = rng.normal(size=n)
+    expected = scipy.signal.resample_poly(x, 320, 441).astype(np.float32)
+    np.testing.assert_array_equal(audio_lib.resample(x, 22050, 16000), expected)
+  np.testing.assert_array_equal(audio_lib.resample(x, 8000, 16000),
+                                scipy.signal.resample_poly(x, 2, 1).astype(np.float32))
 
 
 def test_domains_are_data_and_bad_domains_are_named(tmp_path):
