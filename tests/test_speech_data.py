@@ -21,7 +21,7 @@ from tpa_jax.data.text import SentenceGenerator
 
 
 def small_domain(**fields):
-  base = dict(name='unit', version=speech_corpus.VERSION, languages=('en', 'es'),
+  base = dict(name='unit', version=speech_corpus.CORPUS_VERSION, languages=('en', 'es'),
               voices={'en': ['en-us+m3', 'en+f2'], 'es': ['es+m1']},
               sizes={'train': 10, 'validation': 2, 'test': 4}, min_words=3, max_words=5)
   return speech_corpus.SpeechDomain(**{**base, **fields})

@@ -27,7 +27,7 @@ SPLITS = ('train', 'validation', 'test')
 SHARD_SIZE = 1000
 # 1.1.0: audio stored as raw int16 bytes (1.0.0 stored an int64 list: 3x the bytes on disk and
 # ~100x slower to write). The audio itself is unchanged.
-VERSION = '1.1.0'
+CORPUS_VERSION = '1.1.0'
 _DOMAINS_FILE = os.path.join(os.path.dirname(__file__), 'speech_domains.json')
 
 
@@ -68,7 +68,7 @@ def load_domains(path: str = _DOMAINS_FILE, **overrides) -> list[SpeechDomain]:
     fields = {**fields, **overrides}
     for key in ('languages', 'rate_wpm', 'pitch'):
       fields[key] = tuple(fields[key])
-    domains.append(SpeechDomain(name=name, version=VERSION, **fields))
+    domains.append(SpeechDomain(name=name, version=CORPUS_VERSION, **fields))
   return domains
 
 
@@ -112,7 +112,7 @@ class PcmAudio(tfds.features.Audio):
 class SyntheticSpeech(tfds.core.GeneratorBasedBuilder):
   """Synthetic read speech from eSpeak NG: 16 kHz int16 audio with transcripts."""
 
-  VERSION = tfds.core.Version(VERSION)
+  VERSION = tfds.core.Version(CORPUS_VERSION)
   RELEASE_NOTES = {'1.0.0': 'First release.',
                    '1.1.0': 'Audio stored as raw int16 bytes instead of an int64 list.'}
   BUILDER_CONFIGS = load_domains()

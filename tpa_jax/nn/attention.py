@@ -100,14 +100,13 @@ class SelfAttention(nnx.Module):
     """The positional term of the scores, [B, H, T, T], before the 1/sqrt(d_head) scaling."""
     # A symbolic length (jax.export) has no concrete clipping or shift: it gathers instead.
     concrete = isinstance(t, int)
-    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
     if self.position == 'relative_key':
       table_rk = self.distance_table[...].astype(self.dtype)
       qe_bhtp = jnp.einsum('bthk,rk->bhtr', q_bthk, table_rk)
       if concrete:
         # Row r of the table is distance r - left; spread it over every distance -(t-1)..t-1.
         qe_bhtp = _clip_distances(qe_bhtp, t, self.left_max, self.right_max)
-      index_tt = jnp.clip(j - i, -self.left_max, self.right_max) + self.left_max
+      column = lambda d: jnp.clip(d, -self.left_max, self.right_max) + self.left_max  # noqa: E731
     elif self.position == 'rel_pos':
       # Relative distances i - j from t-1 down to -(t-1); entry p holds distance (t-1) - p.
       positions = jnp.arange(t - 1, -t, -1)
@@ -115,12 +114,14 @@ class SelfAttention(nnx.Module):
       pos_phk = self.pos_proj(pos_pd)
       q_v = q_bthk + self.pos_bias_v[...].astype(self.dtype)
       qe_bhtp = jnp.einsum('bthk,phk->bhtp', q_v, pos_phk)
-      index_tt = (t - 1) - i + j
+      column = lambda d: (t - 1) + d  # noqa: E731
     else:
       return None
-    if not concrete:
-      return jnp.take_along_axis(qe_bhtp, index_tt[None, None], axis=-1)
-    return relative_shift(qe_bhtp)
+    if concrete:
+      return relative_shift(qe_bhtp)
+    # The gather: query i reads the column of distance j - i for every key j.
+    d_tt = jnp.arange(t)[None, :] - jnp.arange(t)[:, None]
+    return jnp.take_along_axis(qe_bhtp, column(d_tt)[None, None], axis=-1)
 
   def __call__(self, x_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
     h_btd = self.norm(x_btd)
