@@ -19,11 +19,14 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tpa_jax import config as config_lib  # noqa: E402
-from tpa_jax import costs, models, optim, partition, sharding, synthetic, train_step  # noqa: E402
+from tpa_jax import sharding  # noqa: E402
+from tpa_jax.data import random_task  # noqa: E402
+from tpa_jax.plan import costs  # noqa: E402
+from tpa_jax.train import partition  # noqa: E402
+from tpa_jax.train import trainer as trainer_lib  # noqa: E402
 
 
 def method_config(preset: str, method: str):
@@ -34,11 +37,9 @@ def method_config(preset: str, method: str):
 
 
 def make_trainer(config, mesh):
-  model = models.create_model(config, mesh)
-  optimizer, schedule = optim.make_optimizer(learning_rate=1e-4, warmup_steps=0)
-  return train_step.create_trainer(model, optimizer, schedule, task=config.head.kind,
-                                   trainable=config.train.trainable,
-                                   frozen_dtype=jnp.bfloat16, mesh=mesh)
+  """The trainer launch/train.py builds, with frozen weights stored in bf16."""
+  config.train.frozen_dtype = 'bfloat16'
+  return trainer_lib.from_config(config, mesh)
 
 
 def measure(preset: str, method: str, batch: dict, steps: int, mesh) -> dict:
@@ -79,7 +80,7 @@ def main():
   args = parser.parse_args()
 
   config = method_config(args.preset, 'full')
-  batch = synthetic.ctc_batch(np.random.default_rng(0), batch_size=args.batch_size,
+  batch = random_task.ctc_batch(np.random.default_rng(0), batch_size=args.batch_size,
                               num_frames=args.frames, input_dim=config.model.frontend.input_dim,
                               vocab_size=config.head.vocab_size, num_labels=32,
                               frames_per_token=16, min_fraction=1.0)

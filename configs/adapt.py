@@ -8,7 +8,7 @@ method: full | head | tpa | ff_sequential | block_parallel | block_sequential | 
 conv_parallel; blocks: 'all', a slice such as 16:32, or indices such as 0,3,5 (adapter methods
 only); bottleneck: the adapter dimension r; data: random | librispeech |
 synthetic_speech/<domain>. Every field is listed, with its meaning, in
-tpa_jax/config.py:base_config.
+tpa_jax/config/fields.py.
 """
 
 from tpa_jax import config as config_lib

@@ -4,7 +4,7 @@
   python launch/demo.py --config=configs/demo.py:tiny --workdir=/tmp/demo   # seconds, for tests
 
 Characters as CTC tokens, 30 ms encoder frames (3 stacked 10 ms log-mel frames). Every field is
-listed, with its meaning, in tpa_jax/config.py:base_config; `demo` holds the two stages.
+listed, with its meaning, in tpa_jax/config/fields.py; `demo` holds the two stages.
 """
 
 import ml_collections

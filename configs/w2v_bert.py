@@ -10,7 +10,7 @@ Arguments (comma-separated, all optional): base=DIR, a converted base (its model
 configs are read from DIR/encoder.json, so fine-tunes and other shapes work too; without it the
 model is w2v-BERT 2.0's and base.path is runs/w2v_bert/base/encoder); blocks (adapted blocks,
 e.g. 12:24) and bottleneck. Every field is listed, with its meaning, in
-tpa_jax/config.py:base_config.
+tpa_jax/config/fields.py.
 """
 
 import os

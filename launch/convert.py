@@ -15,11 +15,11 @@ unsupported settings) is reported at once, before anything is written.
 """
 
 import json
-import sys
 
 from absl import app, flags
 
-from tpa_jax import convert, training
+from tpa_jax import convert
+from tpa_jax.programs import cli
 
 _SOURCE = flags.DEFINE_enum('source', None, sorted(convert.SOURCES), 'What --input holds.')
 _INPUT = flags.DEFINE_string('input', None, 'Hugging Face model directory.')
@@ -30,13 +30,11 @@ flags.mark_flags_as_required(['source', 'input', 'output'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  training.quiet_library_logs()
-  try:
-    summary = convert.convert(_SOURCE.value, _INPUT.value, _OUTPUT.value)
-  except convert.ConversionError as e:
-    sys.exit(f'error: {e}')  # the message lists every problem; no traceback
+  cli.quiet_library_logs()
+  # A ConversionError lists every problem of the input; cli.run prints it without a traceback.
+  summary = convert.convert(_SOURCE.value, _INPUT.value, _OUTPUT.value)
   print(json.dumps(summary, indent=2, default=str))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -14,6 +14,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from tpa_jax.programs import cli  # light: absl and ml_collections
+
 # JAX, TFDS and the library are imported in main(): the corpus's synthesis workers are spawned
 # processes, which import this module again, and they need none of it (saves ~2.5 s a worker).
 
@@ -35,10 +37,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   _cpu_compiler_defaults()
-  from tpa_jax import demo, training  # pylint: disable=import-outside-toplevel
-  training.quiet_library_logs()
+  from tpa_jax.programs import demo  # pylint: disable=import-outside-toplevel
+  cli.quiet_library_logs()
   demo.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -19,7 +19,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from tpa_jax import convert, embeddings, training
+from tpa_jax import convert
+from tpa_jax.infer import encode
+from tpa_jax.programs import cli
 
 _BASE = flags.DEFINE_string('base', None, 'Base directory or checkpoint.')
 _AUDIO = flags.DEFINE_string('audio', None, '16-bit PCM WAV file.')
@@ -32,14 +34,14 @@ flags.mark_flags_as_required(['base', 'audio', 'output'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  training.quiet_library_logs()
+  cli.quiet_library_logs()
   config = _CONFIG.value if _CONFIG.value is not None else convert.default_config()
   if not convert.apply_base_config(config, _BASE.value) and _CONFIG.value is None:
     sys.exit(f'error: the base at {_BASE.value} has no saved model config (encoder.json); pass '
              '--config=<the config it was trained with>')
   try:
-    audio = embeddings.read_wav(_AUDIO.value, config.features.sample_rate_hz)
-    hidden = embeddings.encode_audio(config, convert.base_path(_BASE.value), audio)
+    audio = encode.read_wav(_AUDIO.value, config.features.sample_rate_hz)
+    hidden = encode.encode_audio(config, convert.base_path(_BASE.value), audio)
   except ValueError as e:
     sys.exit(f'error: {e}')
   np.save(_OUTPUT.value, hidden)
@@ -47,4 +49,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

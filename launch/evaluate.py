@@ -1,4 +1,5 @@
-"""Evaluate a run's newest checkpoint (or a base with its head) on a split of its data.
+"""Evaluate a run's newest checkpoint, an adapter export over its base, or a base with its head,
+on a split of the data.
 
 Usage:
   python launch/evaluate.py --workdir=runs/es                  # the run's own config
@@ -8,9 +9,13 @@ Usage:
   python launch/evaluate.py --workdir=runs/demo --config=configs/demo.py \
       --config.data.name=synthetic_speech/source --config.base.path=runs/demo/base/encoder \
       --head=runs/demo/base/head                                # the demo's base, no checkpoint
+  python launch/evaluate.py --workdir=runs/es-eval --config=configs/tiny.py \
+      --adapters=runs/tiny/adapters.safetensors                # an export over config.base.path
+  python launch/evaluate.py --workdir=runs/es --mesh=data=1    # on another mesh than training's
 
-Without --config the config saved with the run's newest checkpoint is used; with it, that
-config must describe the same base and adapters (or the checkpoint is refused). Speech data:
+Without --config the config saved with the run's newest checkpoint is used; with it (and with
+--adapters), the config must give the same adapter spec and base as the adapters were trained
+with, or they are refused with every differing field named. Speech data:
 WER/CER (CTC) or accuracy; the random task: held-out synthetic batches (`wer` counts label
 tokens as words). Prints the result as one JSON line and writes it to
 <workdir>/eval_<split>.json (process 0). Multi-process flags as in launch/train.py.
@@ -22,7 +27,10 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from tpa_jax import distributed, run_eval, training
+from tpa_jax import sharding
+from tpa_jax.infer import evaluate
+from tpa_jax.programs import cli, distributed
+from tpa_jax.train import trainer as trainer_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (path[:arg]); default: the config saved with the run.',
@@ -30,7 +38,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints/, data, results).')
 _SPLIT = flags.DEFINE_string('split', '', 'Split to evaluate; default config.data.eval_split.')
 _HEAD = flags.DEFINE_string('head', '', 'Without a run checkpoint: the head saved with the '
-                            'base (checkpoints.save_state), evaluated on config.base.path.')
+                            'base (checkpoint.save_state), evaluated on config.base.path.')
+_ADAPTERS = flags.DEFINE_string('adapters', '', 'An adapter export (launch/export.py '
+                                '--kind=adapter) to evaluate over config.base.path; its spec '
+                                'must match the config.')
+_MESH = flags.DEFINE_string('mesh', '', 'Mesh axis sizes (data=..,fsdp=..,tensor=..; one may be '
+                            '-1). Default: the config\'s mesh if it fits the devices here, else '
+                            'every device on the data axis.')
 _DISTRIBUTED = distributed.define_flags()
 flags.mark_flags_as_required(['workdir'])
 
@@ -39,13 +53,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  cli.threads_for_simulated_devices(_DISTRIBUTED.num_processes.value or 1)
   distributed.initialize_from_flags(_DISTRIBUTED)
-  training.quiet_library_logs()
-  config = _CONFIG.value if _CONFIG.value is not None else run_eval.run_config(_WORKDIR.value)
-  result = run_eval.evaluate(config, _WORKDIR.value, split=_SPLIT.value, head_path=_HEAD.value)
+  cli.quiet_library_logs()
+  if _ADAPTERS.value and _CONFIG.value is None:
+    cli.fail('--adapters needs --config: the config of the base and adapters (with '
+             '--config.base.path=<the base>)')
+  config = _CONFIG.value if _CONFIG.value is not None else evaluate.run_config(_WORKDIR.value)
+  mesh = sharding.program_mesh(config.mesh, _MESH.value)
+  trainer_lib.check_config(config, mesh=False)
+  result = evaluate.evaluate(config, _WORKDIR.value, mesh, split=_SPLIT.value,
+                             head_path=_HEAD.value, adapters_path=_ADAPTERS.value)
   if jax.process_index() == 0:
     print(json.dumps(result, default=str))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -3,38 +3,48 @@
 Usage:
   python launch/export.py --workdir=runs/tiny --kind=adapter --output=runs/tiny/adapters.safetensors
   python launch/export.py --workdir=runs/tiny --kind=serving --output=runs/tiny/serving
+  python launch/export.py --workdir=runs/tiny --kind=adapter --output=a.safetensors --mesh=data=1
 
-adapter: the trained arrays (adapters + head) as flat named tensors with the metadata needed to
-re-attach them (placement, blocks, bottleneck, base fingerprint). serving: a directory with the
+adapter: the trained arrays (adapters + head) as flat named tensors with the adapter spec that
+re-attaching them checks (placement, resolved blocks, bottleneck, residual weight, activation,
+norm, init, head, base fingerprint). serving: a directory with the
 inference function (features -> logits) serialised by jax.export, the weights it needs, and a
-manifest; `tpa_jax/serving_loader.py` runs it without the rest of tpa_jax. Both come from the
+manifest; `tpa_jax/infer/serving_loader.py` runs it without the rest of tpa_jax. Both come from the
 newest committed checkpoint in --workdir.
 """
 
 import json
 
+import jax
 from absl import app, flags
 
-from tpa_jax import export, training
+from tpa_jax import sharding
+from tpa_jax.infer import export
+from tpa_jax.programs import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (with checkpoints/).')
 _KIND = flags.DEFINE_enum('kind', 'adapter', ['adapter', 'serving'], 'What to export.')
 _OUTPUT = flags.DEFINE_string('output', None, 'File (adapter) or directory (serving) to write.')
 _PLATFORMS = flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'],
                                'serving: the platforms the bundle is lowered for.')
+_MESH = flags.DEFINE_string('mesh', '', 'Mesh axis sizes (data=..,fsdp=..,tensor=..; one may be '
+                            '-1). Default: every device here on the data axis, whatever mesh '
+                            'trained the run.')
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  training.quiet_library_logs()
+  cli.quiet_library_logs()
+  cli.threads_for_simulated_devices()
+  mesh = sharding.make_mesh(**sharding.parse_mesh(_MESH.value or 'data=-1', len(jax.devices())))
   if _KIND.value == 'adapter':
-    summary = export.export_adapters(_WORKDIR.value, _OUTPUT.value)
+    summary = export.export_adapters(_WORKDIR.value, _OUTPUT.value, mesh)
   else:
-    summary = export.export_serving(_WORKDIR.value, _OUTPUT.value, _PLATFORMS.value)
+    summary = export.export_serving(_WORKDIR.value, _OUTPUT.value, _PLATFORMS.value, mesh)
   print(json.dumps(summary, default=str))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -7,9 +7,9 @@ Usage:
   python launch/plan.py --config=configs/adapt.py:model=600m,method=tpa --devices=8 \
       --mesh=data=2,fsdp=-1 --config.train.grad_accum_steps=4 --per_device_batch=4
 
-The real train step of the config (tpa_jax/train_step.py, with its shardings and dtypes) is
-lowered and compiled ahead of time on abstract inputs: nothing is allocated, so a 8B-parameter
-step plans on a laptop. The batch holds `--per_device_batch` utterances of `--seconds` of int16
+The real train step of the config (tpa_jax/train/step.py, built by tpa_jax/train/trainer.py
+with its shardings and dtypes) is lowered and compiled ahead of time on abstract inputs: nothing
+is allocated, so a 8B-parameter step plans on a laptop. The batch holds `--per_device_batch` utterances of `--seconds` of int16
 audio per device and micro-batch (features are computed on device, as in training); the default
 mesh is fsdp over every device. Prints a table of per-device bytes (weights, gradients,
 optimizer state, temp: everything else the step holds) and whether it fits each accelerator,
@@ -54,8 +54,8 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from tpa_jax import config as config_lib  # noqa: E402
-from tpa_jax import planner  # noqa: E402
+from tpa_jax.plan import planner  # noqa: E402
+from tpa_jax.programs import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
                                           lock_config=True)
@@ -74,25 +74,6 @@ _SWEEP = flags.DEFINE_list('sweep', [], 'Device counts to plan in turn (e.g. 1,2
 _FLOPS = flags.DEFINE_bool('flops', True, 'Also count FLOPs (lowers the step with the layer '
                            'loop unrolled).')
 flags.mark_flags_as_required(['config'])
-
-
-def parse_flags(argv):
-  """absl's parsing, with a named error for a --config.<field> override the config lacks."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError):
-    # config_flags failed on an override: load the config file again to name the field.
-    spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-    if spec is None:
-      raise
-    try:
-      config_lib.check_overrides(config_lib.load_config_file(spec), argv)
-    except ValueError as e:
-      sys.exit(f'FATAL Flags parsing error: {e}')
-    raise
-  except flags.Error as e:
-    sys.exit(f'FATAL Flags parsing error: {e}\n'
-             'Pass --helpshort or --helpfull to see help on flags.')
 
 
 def main(argv):
@@ -131,4 +112,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main)

@@ -17,11 +17,13 @@ process. Writes metrics.jsonl (one JSON object per logged step), TensorBoard eve
 (tensorboard/) and results.json into --workdir, from process 0.
 """
 
-from absl import app, flags
 import jax
+from absl import app, flags
 from ml_collections import config_flags
 
-from tpa_jax import distributed, training
+from tpa_jax.programs import cli, distributed
+from tpa_jax.train import loop as training
+from tpa_jax.train import trainer as trainer_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
                                           lock_config=True)
@@ -35,10 +37,12 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Collectives between CPU processes (harmless elsewhere); set before the backend starts.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  cli.threads_for_simulated_devices(_DISTRIBUTED.num_processes.value or 1)
   distributed.initialize_from_flags(_DISTRIBUTED)
-  training.quiet_library_logs()
+  cli.quiet_library_logs()
+  trainer_lib.check_config(_CONFIG.value)
   training.train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -6,13 +6,17 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Room in the CPU backend's thread pool for the simulated devices' collectives (see
+# tpa_jax.programs.cli.threads_for_simulated_devices); subprocesses inherit it.
+os.environ.setdefault('PJRT_NPROC', '16')
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from tpa_jax import config as config_lib  # noqa: E402
-from tpa_jax import sharding, synthetic  # noqa: E402
+from tpa_jax import sharding  # noqa: E402
+from tpa_jax.data import random_task  # noqa: E402
 
 
 def tiny_config(method: str = 'tpa', **overrides):
@@ -28,7 +32,7 @@ def tiny_config(method: str = 'tpa', **overrides):
 
 
 def ctc_batch(config, seed: int = 0, batch_size: int = 4, num_frames: int = 64):
-  return synthetic.ctc_batch(np.random.default_rng(seed), batch_size=batch_size,
+  return random_task.ctc_batch(np.random.default_rng(seed), batch_size=batch_size,
                              num_frames=num_frames, input_dim=config.model.frontend.input_dim,
                              vocab_size=config.head.vocab_size, num_labels=6)
 

@@ -9,13 +9,18 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from tpa_jax import checkpoint
+from tpa_jax import sharding
+from tpa_jax.checkpoint import spec as spec_lib
+from tpa_jax.nn import build
 from conftest import logged_steps, tiny_config
-from tpa_jax import checkpoints, models, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS, EVERY = 24, 4
@@ -26,43 +31,108 @@ NUM_STEPS, EVERY = 24, 4
 def test_base_restores_into_another_mesh_without_gathering(tmp_path):
   config = tiny_config('tpa')
   data4 = sharding.make_mesh(data=4, fsdp=1, tensor=1)
-  saved = models.create_model(config, data4)
-  checkpoints.save_state(str(tmp_path / 'base'), checkpoints.base_state(saved))
+  saved = build.create_model(config, data4)
+  checkpoint.save_state(str(tmp_path / 'base'), checkpoint.base_state(saved))
 
   fsdp_tensor = sharding.make_mesh(data=1, fsdp=2, tensor=2)
   config.seed = 1  # different initial weights, to be overwritten
-  loaded = models.create_model(config, fsdp_tensor)
-  target = checkpoints.base_state(loaded)
+  loaded = build.create_model(config, fsdp_tensor)
+  target = checkpoint.base_state(loaded)
   before = jax.tree.map(lambda x: x.sharding, target)
-  checkpoints.load_base(str(tmp_path / 'base'), loaded)
-  after = checkpoints.base_state(loaded)
-  for a, b in zip(jax.tree.leaves(checkpoints.base_state(saved)), jax.tree.leaves(after)):
+  checkpoint.load_base(str(tmp_path / 'base'), loaded)
+  after = checkpoint.base_state(loaded)
+  for a, b in zip(jax.tree.leaves(checkpoint.base_state(saved)), jax.tree.leaves(after)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Restored straight into the new mesh's shardings, some of them split over fsdp x tensor.
   assert jax.tree.map(lambda x: x.sharding, after) == before
   assert any(x.sharding.mesh.shape == fsdp_tensor.shape and not x.is_fully_replicated
              for x in jax.tree.leaves(after))
   # The fingerprint depends on the weights, not on how they are laid out.
-  assert (checkpoints.weights_digest(checkpoints.base_state(saved))
-          == checkpoints.weights_digest(after))
+  assert (checkpoint.weights_digest(checkpoint.base_state(saved))
+          == checkpoint.weights_digest(after))
+
+
+# A process that saves a small base twice (values 1 then 2) and is killed with SIGKILL inside one
+# window of the second save: while the new copy is written, once the old copy has moved aside,
+# or once the new copy is in place but the old one is not yet deleted.
+_SAVE_AND_DIE = """
+import os, signal, sys
+import jax.numpy as jnp
+from flax import nnx
+from tpa_jax import checkpoint
+from tpa_jax.checkpoint import base as base_lib
+path, window = sys.argv[1], sys.argv[2]
+state = lambda v: nnx.State({'w': nnx.Param(jnp.full((64,), v, jnp.float32))})
+if window != 'first_write':
+  checkpoint.save_state(path, state(1.0), metadata={'value': 1})
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+real_replace, real_write = os.replace, base_lib._write_json
+def replace(src, dst):
+  real_replace(src, dst)
+  if (window, dst) in (('old_moved', path + '.old'), ('new_in_place', path)):
+    die()
+def write_json(file, value):
+  if window in ('writing', 'first_write') and file.startswith(path + '.saving'):
+    die()  # the arrays are written, the marker of a complete copy is not
+  real_write(file, value)
+os.replace, base_lib._write_json = replace, write_json
+checkpoint.save_state(path, state(2.0), metadata={'value': 2})
+"""
+
+
+@pytest.mark.parametrize('window,survivor', [('writing', 1.0), ('old_moved', 2.0),
+                                             ('new_in_place', 2.0)])
+def test_a_crash_while_replacing_a_base_leaves_a_complete_base(window, survivor, tmp_path,
+                                                                caplog):
+  path = str(tmp_path / 'base')
+  result = subprocess.run([sys.executable, '-c', _SAVE_AND_DIE, path, window], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+  if window != 'new_in_place':
+    assert not os.path.exists(path) or window == 'writing'  # the window was really hit
+  with caplog.at_level('WARNING'):
+    meta = checkpoint.read_metadata(path)  # recovers
+  target = nnx.State({'w': nnx.Param(jnp.zeros((64,), jnp.float32))})
+  restored = checkpoint.restore_state(path, target)
+  np.testing.assert_array_equal(np.asarray(restored['w'][...]), survivor)
+  assert meta == {'value': int(survivor)}
+  assert json.load(open(path + '.json')) == meta  # the readable copy follows
+  assert sorted(os.listdir(tmp_path)) == ['base', 'base.json']  # nothing left over
+  assert any(f'checkpoint {path}:' in r.getMessage() for r in caplog.records), caplog.text
+  # And the next save replaces it as usual.
+  checkpoint.save_state(path, nnx.State({'w': nnx.Param(jnp.full((64,), 3.0))}))
+  np.testing.assert_array_equal(np.asarray(checkpoint.restore_state(path, target)['w'][...]), 3.0)
+
+
+def test_a_base_whose_only_save_crashed_is_named_half_written(tmp_path):
+  path = str(tmp_path / 'base')
+  result = subprocess.run([sys.executable, '-c', _SAVE_AND_DIE, path, 'first_write'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+  assert os.path.isdir(path + '.saving')
+  target = nnx.State({'w': nnx.Param(jnp.zeros((64,), jnp.float32))})
+  with pytest.raises(checkpoint.CheckpointError, match=r'no base checkpoint at .*removed the '
+                     r'half-written copy .*base.saving of an interrupted save'):
+    checkpoint.restore_state(path, target)
+  assert os.listdir(tmp_path) == []
 
 
 def test_weights_digest_sees_one_changed_or_moved_value(mesh22):
-  model = models.create_model(tiny_config('tpa'), mesh22)
-  state = checkpoints.base_state(model)
-  digest = checkpoints.weights_digest(state)
+  model = build.create_model(tiny_config('tpa'), mesh22)
+  state = checkpoint.base_state(model)
+  digest = checkpoint.weights_digest(state)
   flat = nnx.to_flat_state(state)
   path, var = next((p, v) for p, v in flat  # (a random matrix: two different neighbours)
                    if v[...].ndim == 2 and v[...][0, 0] != v[...][0, 1])
   original = var[...]
   changed = original.at[0, 0].set(np.nextafter(original[0, 0], np.float32(np.inf)))
   var.set_value(changed)
-  assert checkpoints.weights_digest(state) != digest, path
+  assert checkpoint.weights_digest(state) != digest, path
   swapped = original.at[0, 0].set(original[0, 1]).at[0, 1].set(original[0, 0])
   var.set_value(swapped)
-  assert checkpoints.weights_digest(state) != digest
+  assert checkpoint.weights_digest(state) != digest
   var.set_value(original)
-  assert checkpoints.weights_digest(state) == digest
+  assert checkpoint.weights_digest(state) == digest
 
 
 # -- run checkpoints through launch/train.py ------------------------------------------------------
@@ -203,19 +273,19 @@ def test_resuming_with_another_base_or_adapter_shape_is_refused(uninterrupted, t
 
 
 def test_workdir_problems_are_named(tmp_path):
-  with pytest.raises(checkpoints.CheckpointError, match='parent of workdir .* does not exist'):
-    checkpoints.check_workdir(str(tmp_path / 'missing' / 'run'))
-  assert checkpoints.check_workdir(str(tmp_path / 'new')) == str(tmp_path / 'new')
+  with pytest.raises(checkpoint.CheckpointError, match='parent of workdir .* does not exist'):
+    checkpoint.check_workdir(str(tmp_path / 'missing' / 'run'))
+  assert checkpoint.check_workdir(str(tmp_path / 'new')) == str(tmp_path / 'new')
   if os.geteuid() != 0:  # root writes through permission bits
     os.chmod(tmp_path / 'new', 0o500)
-    with pytest.raises(checkpoints.CheckpointError, match='not writable'):
-      checkpoints.check_workdir(str(tmp_path / 'new'))
+    with pytest.raises(checkpoint.CheckpointError, match='not writable'):
+      checkpoint.check_workdir(str(tmp_path / 'new'))
 
 
 # -- exports --------------------------------------------------------------------------------------
 
 def test_adapter_export_reattaches_onto_the_same_base_only(uninterrupted, tmp_path):
-  from tpa_jax import export  # pylint: disable=import-outside-toplevel
+  from tpa_jax.infer import export  # pylint: disable=import-outside-toplevel
   out = tmp_path / 'adapters.safetensors'
   result = subprocess.run([sys.executable, 'launch/export.py', f'--workdir={uninterrupted}',
                            '--kind=adapter', f'--output={out}'], cwd=ROOT, capture_output=True,
@@ -228,12 +298,12 @@ def test_adapter_export_reattaches_onto_the_same_base_only(uninterrupted, tmp_pa
   config, live, trainable, info, step = export.load_run(str(uninterrupted))
   assert step == NUM_STEPS and meta['base_fingerprint'] == info['base_fingerprint']['id']
   mesh = sharding.make_mesh(**config.mesh)
-  fresh = models.create_model(config, mesh)  # the same base (seed), untrained adapters and head
+  fresh = build.create_model(config, mesh)  # the same base (seed), untrained adapters and head
   features = np.random.default_rng(0).normal(size=(4, 48, 80)).astype(np.float32)
   mask = np.ones((4, 48), bool)
   assert not np.allclose(fresh(features, mask)[0], live(features, mask)[0])
-  fingerprint = checkpoints.base_fingerprint(config.model, fresh)
-  export.attach_adapters(str(out), fresh, fingerprint)
+  fingerprint = checkpoint.base_fingerprint(config.model, fresh)
+  export.attach_adapters(str(out), fresh, spec_lib.from_config(config, fingerprint['id']))
   attached = export.flat_arrays(nnx.state(fresh))
   for name, array in export.flat_arrays(trainable).items():
     np.testing.assert_array_equal(attached[name], array, err_msg=name)
@@ -241,15 +311,15 @@ def test_adapter_export_reattaches_onto_the_same_base_only(uninterrupted, tmp_pa
   np.testing.assert_allclose(fresh(features, mask)[0], live(features, mask)[0], atol=0.05)
 
   config.seed = 1
-  other = models.create_model(config, mesh)
-  other_fp = checkpoints.base_fingerprint(config.model, other)
-  with pytest.raises(checkpoints.CheckpointError) as error:
-    export.attach_adapters(str(out), other, other_fp)
+  other = build.create_model(config, mesh)
+  other_fp = checkpoint.base_fingerprint(config.model, other)
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    export.attach_adapters(str(out), other, spec_lib.from_config(config, other_fp['id']))
   assert meta['base_fingerprint'] in str(error.value) and other_fp['id'] in str(error.value)
 
 
 def test_serving_bundle_runs_without_tpa_jax_and_matches_the_live_model(uninterrupted, tmp_path):
-  from tpa_jax import export  # pylint: disable=import-outside-toplevel
+  from tpa_jax.infer import export  # pylint: disable=import-outside-toplevel
   bundle = tmp_path / 'serving'
   result = subprocess.run([sys.executable, 'launch/export.py', f'--workdir={uninterrupted}',
                            '--kind=serving', f'--output={bundle}'], cwd=ROOT,
@@ -259,7 +329,7 @@ def test_serving_bundle_runs_without_tpa_jax_and_matches_the_live_model(uninterr
                                         'weights.safetensors']
   features = np.random.default_rng(1).normal(size=(3, 40, 80)).astype(np.float32)
   np.save(tmp_path / 'features.npy', features)
-  loader = os.path.join(ROOT, 'tpa_jax', 'serving_loader.py')
+  loader = os.path.join(ROOT, 'tpa_jax', 'infer', 'serving_loader.py')
   check = ("import runpy, sys; sys.argv = [{l!r}, {b!r}, {f!r}, {o!r}]; "
            "runpy.run_path({l!r}, run_name='__main__'); "
            "assert not any(m.startswith('tpa_jax') for m in sys.modules), 'imported tpa_jax'")
@@ -274,3 +344,102 @@ def test_serving_bundle_runs_without_tpa_jax_and_matches_the_live_model(uninterr
   expected, _ = live(features, np.ones(features.shape[:2], bool))
   np.testing.assert_allclose(np.load(tmp_path / 'logits.npy'), np.asarray(expected),
                              rtol=1e-5, atol=1e-5)
+
+
+# -- adapter specs: every differing field is refused by name, and nothing is touched -------------
+
+SPEC_FIELDS = [
+    ('adapter.placement', 'ff_sequential'), ('adapter.blocks', '2:4'),
+    ('adapter.bottleneck', 16), ('adapter.residual_weight', 0.5),
+    ('adapter.activation', 'gelu'), ('adapter.use_norm', False), ('adapter.up_init', 'normal'),
+    ('train.trainable', 'full'), ('head.kind', 'classification'), ('head.vocab_size', 7),
+    ('base.path', None),
+]
+
+
+def _tree_listing(root):
+  return sorted((os.path.relpath(d, root), tuple(sorted(files)))
+                for d, _, files in os.walk(root))
+
+
+@pytest.fixture(scope='module')
+def exported(uninterrupted, tmp_path_factory):
+  """The run's adapter export, its config and its spec."""
+  from tpa_jax.infer import export  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path_factory.mktemp('export') / 'adapters.safetensors')
+  export.export_adapters(str(uninterrupted), out, sharding.make_mesh(devices=jax.devices()[:1]))
+  info = checkpoint.RunCheckpointer(os.path.join(uninterrupted, 'checkpoints'), async_save=False,
+                                    read_only=True).newest_run_info()
+  return out, ml_collections.ConfigDict(info['config']), checkpoint.saved_spec(info)
+
+
+def _differing_spec(config, saved, field, value):
+  config = ml_collections.ConfigDict(config.to_dict())
+  if field == 'base.path':
+    return spec_lib.from_config(config, 'another-base-fingerprint')
+  section, name = field.split('.')
+  config[section][name] = value
+  return spec_lib.from_config(config, saved.base_fingerprint)
+
+
+@pytest.mark.parametrize('field,value', SPEC_FIELDS)
+def test_resuming_with_any_differing_spec_field_is_refused_by_name(uninterrupted, exported,
+                                                                    tmp_path, field, value):
+  _, config, saved = exported
+  workdir = tmp_path / 'run'
+  subprocess.run(['cp', '-r', str(uninterrupted), str(workdir)], check=True)
+  before = _tree_listing(workdir)
+  current = _differing_spec(config, saved, field, value)
+  directory = str(workdir / 'checkpoints')
+  reader = checkpoint.RunCheckpointer(directory, async_save=False)
+  target = {'w': jnp.zeros((2,))}  # never read: the spec is checked first
+  with pytest.raises(checkpoint.SpecMismatchError) as error:
+    reader.restore_latest(target, check=lambda i: checkpoint.check_run(i, current, directory))
+  reader.close()
+  message = str(error.value)
+  if field == 'base.path':
+    assert f'trained on base {saved.base_fingerprint}' in message
+  else:
+    assert f'{field}: checkpoint ' in message, message
+  assert 'Nothing was read, moved or deleted' in message
+  assert _tree_listing(workdir) == before  # no step moved to discarded/, nothing deleted
+
+
+@pytest.mark.parametrize('field,value', SPEC_FIELDS)
+def test_attaching_with_any_differing_spec_field_is_refused_before_reading(exported, field,
+                                                                            value, monkeypatch):
+  from tpa_jax.infer import export  # pylint: disable=import-outside-toplevel
+  path, config, saved = exported
+  current = _differing_spec(config, saved, field, value)
+
+  def no_arrays(*_):
+    raise AssertionError('an array was read before the spec was checked')
+  monkeypatch.setattr(export, 'read_adapters', no_arrays)
+  with pytest.raises(checkpoint.SpecMismatchError) as error:
+    export.attach_adapters(path, None, current)
+  expected = (f'trained on base {saved.base_fingerprint}' if field == 'base.path'
+              else f'{field}: export ')
+  assert expected in str(error.value), str(error.value)
+
+
+def test_block_selections_compare_resolved(exported):
+  """'0:4', '0,1,2,3' and 'all' are the same blocks of a 4-block model: no refusal."""
+  _, config, saved = exported
+  for blocks in ('0:4', '0,1,2,3', '[3, 2, 1, 0]'):
+    spec_lib.check(saved, _differing_spec(config, saved, 'adapter.blocks', blocks), what='x')
+
+
+def test_attaching_an_export_that_leaves_a_variable_unset_is_refused(exported, tmp_path):
+  from safetensors import numpy as safetensors_np  # pylint: disable=import-outside-toplevel
+  from tpa_jax.infer import export  # pylint: disable=import-outside-toplevel
+  path, config, saved = exported
+  tensors, metadata = export.read_adapters(path)
+  dropped = next(name for name in tensors if 'head' in name)
+  partial = str(tmp_path / 'partial.safetensors')
+  safetensors_np.save_file({k: v for k, v in tensors.items() if k != dropped}, partial, metadata)
+  model = build.create_model(config, sharding.make_mesh(devices=jax.devices()[:1]))
+  before = export.flat_arrays(nnx.state(model))
+  with pytest.raises(checkpoint.SpecMismatchError, match=f'leaves unset: .*{dropped}'):
+    export.attach_adapters(partial, model, saved)
+  for name, array in export.flat_arrays(nnx.state(model)).items():  # nothing was set
+    np.testing.assert_array_equal(array, before[name], err_msg=name)

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from tpa_jax import config as config_lib
-from tpa_jax import costs, models
+from tpa_jax.nn import build
+from tpa_jax.plan import costs
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, 'configs')
 # Models below this many parameters are instantiated and run by the tests.
@@ -66,7 +67,7 @@ def test_every_config_file_and_variant_builds():
     # Every model field a config sets is one base_config declares (a typo would slip through).
     base = config_lib.base_config()
     assert set(config.model.keys()) == set(base.model.keys()), name
-    models.adapter_blocks(config)  # the adapter selection resolves for this model
+    build.adapter_blocks(config)  # the adapter selection resolves for this model
 
 
 @pytest.fixture(scope='module')
@@ -96,7 +97,7 @@ def test_tiny_configs_instantiate_and_run_a_forward_pass(mesh1, param_counts):
     if key in seen:
       continue
     seen.add(key)
-    model = models.create_model(config, mesh1)
+    model = build.create_model(config, mesh1)
     graphdef, state = nnx.split(model)
     frames = 64
     x = jnp.asarray(np.random.default_rng(0).normal(
@@ -131,7 +132,7 @@ def test_adapt_arguments_reach_the_config():
   assert (c.adapter.placement, c.train.trainable) == ('block_sequential', 'adapters')
   assert (c.adapter.blocks, c.adapter.bottleneck) == ('16:32', 128)
   assert (c.data.name, c.data.train_split) == ('librispeech', 'train_clean100')
-  assert models.adapter_blocks(c) == tuple(range(16, 32))
+  assert build.adapter_blocks(c) == tuple(range(16, 32))
   c = config_lib.adapt_config('data=synthetic_speech/target_lang_tiny')
   assert c.data.domains_file == config_lib.TINY_DOMAINS_FILE
   assert config_lib.adapt_config('method=full').adapter.placement == 'none'

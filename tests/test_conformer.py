@@ -6,11 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from conftest import ctc_batch, tiny_config
 from flax import nnx
 
-from tpa_jax import models, partition
+from tpa_jax.nn import build
 from tpa_jax.nn.attention import SelfAttention
+from tpa_jax.train import partition
 
 
 def _encode(model, features, mask):
@@ -19,9 +21,9 @@ def _encode(model, features, mask):
 
 @pytest.mark.parametrize('blocks', ['all', '1:3'])
 def test_scanned_encoder_equals_unrolled_loop(blocks, mesh1):
-  scanned = models.create_model(tiny_config('tpa', **{'adapter.blocks': blocks,
+  scanned = build.create_model(tiny_config('tpa', **{'adapter.blocks': blocks,
                                                       'adapter.up_init': 'normal'}), mesh1)
-  unrolled = models.create_model(tiny_config('tpa', **{'adapter.blocks': blocks,
+  unrolled = build.create_model(tiny_config('tpa', **{'adapter.blocks': blocks,
                                                        'adapter.up_init': 'normal',
                                                        'model.scan_layers': False}), mesh1)
   for a, b in zip(jax.tree.leaves(nnx.state(scanned)), jax.tree.leaves(nnx.state(unrolled))):
@@ -50,7 +52,7 @@ VARIANTS = {
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
 def test_valid_frames_do_not_depend_on_padding(variant, mesh1):
   config = tiny_config('tpa', **{'adapter.up_init': 'normal', **VARIANTS[variant]})
-  model = models.create_model(config, mesh1)
+  model = build.create_model(config, mesh1)
   rng = np.random.default_rng(1)
   length, short, long = 45, 48, 80
   utterance = rng.normal(size=(length, 80)).astype(np.float32)
@@ -135,13 +137,13 @@ def test_frozen_prefix_depth_follows_the_trainable_weights():
   for (method, blocks), depth in cases.items():
     config = tiny_config(method, **{'adapter.blocks': blocks})
     with nnx.use_eager_sharding(False):
-      model = nnx.eval_shape(lambda: models.build_model(config, seed=0))  # shapes only
+      model = nnx.eval_shape(lambda: build.build_model(config, seed=0))  # shapes only
     _, trainable, _, _ = partition.split(model, config.train.trainable)
     assert model.frozen_depth(trainable) == depth, (method, blocks)
 
 
 def test_bad_inputs_name_the_argument(mesh1):
-  model = models.create_model(tiny_config('tpa'), mesh1)
+  model = build.create_model(tiny_config('tpa'), mesh1)
   feats, mask = jnp.zeros((2, 32, 80)), jnp.ones((2, 32), bool)
   with pytest.raises(ValueError, match=r'features must be \[batch, frames, 80\]'):
     model(feats[0], mask)
@@ -162,14 +164,14 @@ def test_bad_inputs_name_the_argument(mesh1):
 ])
 def test_bad_model_configs_name_the_field(field, value, accepted, mesh1):
   with pytest.raises(ValueError, match=rf"{field}='{value}'.*{accepted}"):
-    models.create_model(tiny_config('tpa', **{field: value}), mesh1)
+    build.create_model(tiny_config('tpa', **{field: value}), mesh1)
 
 
 def test_bfloat16_compute_tracks_float32(mesh1):
   batch = ctc_batch(tiny_config())
   outputs = {}
   for dtype in ('float32', 'bfloat16'):
-    model = models.create_model(tiny_config('tpa', **{'model.dtype': dtype}), mesh1)
+    model = build.create_model(tiny_config('tpa', **{'model.dtype': dtype}), mesh1)
     with jax.set_mesh(mesh1):
       out, mask = _encode(model, batch['features'], batch['feature_mask'])
     outputs[dtype] = np.asarray(out.astype(jnp.float32))

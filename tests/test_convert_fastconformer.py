@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tpa_jax import convert, embeddings
+from tpa_jax import convert
+from tpa_jax.infer import encode
 
 torch = pytest.importorskip('torch', reason='the parity extra (torch, transformers) is not '
                                             'installed: pip install -e .[parity]')
@@ -85,7 +86,7 @@ def test_every_hidden_layer_matches_transformers(variant, tmp_path, mesh1):
   config = convert.default_config()
   assert convert.apply_base_config(config, str(tmp_path / 'base'))
   config.model.scan_layers = False
-  ours = embeddings.load_encoder(config, convert.base_path(str(tmp_path / 'base')), mesh1)
+  ours = encode.load_encoder(config, convert.base_path(str(tmp_path / 'base')), mesh1)
   graphdef, state = nnx.split(ours)
 
   def run(state, feats, mask):
@@ -124,7 +125,7 @@ def test_converted_base_encodes_audio_as_the_reference(tmp_path):
   audio = 4000 * np.sin(2 * np.pi * 300 * t) * np.sin(2 * np.pi * 3 * t) + rng.normal(0, 200,
                                                                                        t.size)
   audio = audio.astype(np.int16)
-  got = embeddings.encode_audio(config, convert.base_path(str(tmp_path / 'base')), audio)
+  got = encode.encode_audio(config, convert.base_path(str(tmp_path / 'base')), audio)
 
   inputs = transformers.ParakeetFeatureExtractor()(audio.astype(np.float32) / 32768,
                                                    sampling_rate=16000, return_tensors='pt')

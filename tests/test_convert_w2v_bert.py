@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tpa_jax import convert, embeddings, models, partition, sharding
+from tpa_jax import convert, sharding
 from tpa_jax.convert import w2v_bert
+from tpa_jax.infer import encode
+from tpa_jax.nn import build
+from tpa_jax.train import partition
 
 torch = pytest.importorskip('torch', reason='the parity extra (torch, transformers) is not '
                                             'installed: pip install -e .[parity]')
@@ -74,7 +77,7 @@ def our_encoder(base_dir, mesh):
   config = convert.default_config()
   assert convert.apply_base_config(config, base_dir)
   config.model.scan_layers = False  # one block at a time below: nothing to scan
-  return embeddings.load_encoder(config, convert.base_path(base_dir), mesh)
+  return encode.load_encoder(config, convert.base_path(base_dir), mesh)
 
 
 def our_hidden_states(encoder, feats_btf, mask_bt):
@@ -248,6 +251,6 @@ def test_config_file_is_the_converted_w2v_bert_2_0():
     reference = transformers.Wav2Vec2BertModel(transformers.Wav2Vec2BertConfig(mask_time_prob=0))
   config.adapter.placement = 'none'
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  graphdef, abstract = sharding.abstract_model(lambda: models.build_model(config, seed=0), mesh)
+  graphdef, abstract = sharding.abstract_model(lambda: build.build_model(config, seed=0), mesh)
   ours = partition.count_params(nnx.state(nnx.merge(graphdef, abstract).encoder))
   assert ours == sum(p.numel() for p in reference.parameters()) > 5.5e8

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tpa_jax import config as config_lib
-from tpa_jax import features
+from tpa_jax.audio import featurizer as features
 from tpa_jax.nn.frontend import stack_frames
 
 transformers = pytest.importorskip(

@@ -9,7 +9,7 @@ import pytest
 import scipy.signal
 
 from tpa_jax import config as config_lib
-from tpa_jax import features
+from tpa_jax.audio import featurizer as features
 
 
 def reference_log_mel(audio: np.ndarray, *, sr=16000, win=400, hop=160, n_fft=512, mels=40,

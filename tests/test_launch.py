@@ -7,16 +7,21 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from flax import nnx
 
-from tpa_jax import checkpoints, models, run_eval, sharding
+from tpa_jax import checkpoint
+from tpa_jax import sharding
+from tpa_jax.data import random_task
+from tpa_jax.infer import evaluate as evaluation
+from tpa_jax.nn import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(*args, timeout=300):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+def run(*args, timeout=300, devices=4):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
 
@@ -66,13 +71,13 @@ def test_evaluate_scores_the_newest_checkpoint_of_a_run(tiny_run, tmp_path):
   trained = evaluate(f'--workdir={tiny_run}')  # the config saved with the run
   assert trained == json.load(open(tiny_run / 'eval_test.json'))
   assert trained['step'] == 40 and trained['evaluated'] == 'checkpoint'
-  assert trained['num_utterances'] == run_eval.RANDOM_EVAL_BATCHES * 32
+  assert trained['num_utterances'] == random_task.RANDOM_EVAL_BATCHES * 32
   assert trained['base_fingerprint'] == json.load(open(tiny_run / 'results.json'))[
       'base_fingerprint']
   # The same base with the head it started from: the trained adapters and head are what help.
   config = tiny_config_file()
-  model = models.create_model(config, sharding.make_mesh(**config.mesh))
-  checkpoints.save_state(str(tmp_path / 'head'), nnx.state(model.head))
+  model = build.create_model(config, sharding.make_mesh(**config.mesh))
+  checkpoint.save_state(str(tmp_path / 'head'), nnx.state(model.head))
   untrained = evaluate(f'--workdir={tmp_path / "base"}', '--config=configs/tiny.py',
                        f'--head={tmp_path / "head"}')
   assert untrained['evaluated'] == 'base' and untrained['step'] is None
@@ -82,10 +87,10 @@ def test_evaluate_scores_the_newest_checkpoint_of_a_run(tiny_run, tmp_path):
 def test_evaluate_refuses_what_it_cannot_evaluate(tiny_run, tmp_path):
   other_base = tiny_config_file()
   other_base.seed = 1
-  with pytest.raises(checkpoints.CheckpointError, match='trained on base'):
-    run_eval.evaluate(other_base, str(tiny_run))
-  with pytest.raises(checkpoints.CheckpointError, match='nothing to evaluate.*--head='):
-    run_eval.evaluate(tiny_config_file(), str(tmp_path))
+  with pytest.raises(checkpoint.CheckpointError, match='trained on base'):
+    evaluation.evaluate(other_base, str(tiny_run))
+  with pytest.raises(checkpoint.CheckpointError, match='nothing to evaluate.*--head='):
+    evaluation.evaluate(tiny_config_file(), str(tmp_path))
   assert not (tmp_path / 'eval_test.json').exists()
 
 
@@ -95,6 +100,61 @@ def tiny_config_file():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def test_a_run_trained_on_four_devices_is_evaluated_and_exported_on_one(tiny_run, tmp_path):
+  """The program builds its mesh from the devices it has, not from the run's 2 x 2 mesh."""
+  from tpa_jax.infer import export  # pylint: disable=import-outside-toplevel
+  on_one = run('launch/evaluate.py', f'--workdir={tiny_run}', '--split=test', devices=1)
+  assert on_one.returncode == 0, on_one.stderr[-3000:]
+  one, four = json.loads(on_one.stdout.splitlines()[-1]), evaluate(f'--workdir={tiny_run}')
+  assert one['step'] == four['step'] == 40
+  assert one['num_utterances'] == four['num_utterances']
+  assert abs(one['wer'] - four['wer']) <= 0.01, (one['wer'], four['wer'])
+  outputs = {}
+  for devices in (1, 4):
+    out = tmp_path / f'adapters-{devices}.safetensors'
+    result = run('launch/export.py', f'--workdir={tiny_run}', '--kind=adapter', f'--output={out}',
+                 devices=devices)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs[devices], _ = export.read_adapters(str(out))
+  assert outputs[1].keys() == outputs[4].keys()
+  for name in outputs[1]:
+    np.testing.assert_array_equal(outputs[1][name], outputs[4][name], err_msg=name)
+
+
+def test_evaluate_takes_an_adapter_export_over_its_base(tiny_run, tmp_path):
+  out = tmp_path / 'adapters.safetensors'
+  result = run('launch/export.py', f'--workdir={tiny_run}', '--kind=adapter', f'--output={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  from_export = evaluate(f'--workdir={tmp_path / "eval"}', '--config=configs/tiny.py',
+                         f'--adapters={out}')
+  from_run = json.load(open(tiny_run / 'eval_test.json'))
+  assert from_export['evaluated'] == 'adapters' and from_export['step'] is None
+  assert from_export['wer'] == pytest.approx(from_run['wer'], abs=0.01)
+  # The same refusals as attaching: a differing field is named, without a traceback.
+  refused = run('launch/evaluate.py', f'--workdir={tmp_path / "eval"}', '--config=configs/tiny.py',
+                f'--adapters={out}', '--config.adapter.bottleneck=8')
+  assert refused.returncode == 1
+  assert 'adapter.bottleneck: export 64, config 8' in refused.stderr
+  assert 'Traceback' not in refused.stderr
+
+
+@pytest.mark.parametrize('args,message', [
+    (('--config.train.nmu_steps=3',), "config.train has no field 'nmu_steps'"),
+    (('--config.adapter.placement=sideways',), "adapter.placement='sideways': accepted values"),
+    (('--config.base.path=/nonexistent/base',), 'no base checkpoint at /nonexistent/base'),
+    (('--workdir_is_a_file',), 'is a file, not a directory'),
+])
+def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, args, message):
+  workdir = tmp_path / 'run'
+  if args == ('--workdir_is_a_file',):
+    workdir.write_text('not a directory')
+    args = ()
+  result = run('launch/train.py', '--config=configs/tiny.py', f'--workdir={workdir}', *args)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert message in result.stderr, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize('override,message', [

@@ -20,8 +20,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tpa_jax import distributed, training
 from tpa_jax.data import pipeline
+from tpa_jax.data import random_task
+from tpa_jax.programs import distributed
 
 from conftest import logged_steps, tiny_config
 
@@ -32,7 +33,11 @@ COMMON = ('--config=configs/tiny.py', '--config.mesh.data=2', '--config.mesh.fsd
           # A constant rate after warmup: the rate at a step does not depend on num_steps, so
           # a run stopped early and resumed to NUM_STEPS follows the same path.
           '--config.optim.schedule=constant', '--config.train.log_every_steps=2',
-          '--config.checkpoint.every_steps=10')
+          '--config.checkpoint.every_steps=10',
+          # Layers unrolled: a layer scan's backward collectives would run beside the step's
+          # top-level gradient all-reduce, entered in different orders by different devices,
+          # which the CPU runtime can deadlock on (and gloo can mismatch) when threads are few.
+          '--config.model.scan_layers=False')
 
 
 def free_port() -> int:
@@ -51,6 +56,8 @@ class Job:
     log = os.path.join(self.log_dir, f'{self.name}-{len(self.procs)}.log')
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
                JAX_PLATFORMS='cpu')
+    if any(f.startswith('--num_processes=') for f in flags):
+      env.pop('PJRT_NPROC', None)  # (see tpa_jax.programs.cli.threads_for_simulated_devices)
     with open(log, 'w') as f:
       self.procs.append(subprocess.Popen(
           [sys.executable, 'launch/train.py', *COMMON, f'--workdir={workdir}', *flags],
@@ -166,13 +173,13 @@ def test_only_process_zero_writes_the_metrics(runs):
 def test_random_batches_give_each_process_its_own_rows():
   config = tiny_config()
   config.train.batch_size = 8
-  whole = next(training.RandomBatches(config, 3, process_index=0, process_count=1))
-  parts = [next(training.RandomBatches(config, 3, process_index=p, process_count=4))
+  whole = next(random_task.RandomBatches(config, 3, process_index=0, process_count=1))
+  parts = [next(random_task.RandomBatches(config, 3, process_index=p, process_count=4))
            for p in range(4)]
   for key, value in whole.items():
     np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value)
   with pytest.raises(ValueError, match='train.batch_size=8 does not divide over 3 processes'):
-    training.RandomBatches(config, 3, process_index=0, process_count=3)
+    random_task.RandomBatches(config, 3, process_index=0, process_count=3)
 
 
 @pytest.mark.parametrize('process_count', [2, 4])

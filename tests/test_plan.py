@@ -9,10 +9,15 @@ import sys
 
 import jax
 import pytest
+
 from conftest import tiny_config
 
 from tpa_jax import config as config_lib
-from tpa_jax import costs, features, models, planner, sharding, train_step
+from tpa_jax import sharding
+from tpa_jax.audio import featurizer as features
+from tpa_jax.plan import costs
+from tpa_jax.plan import planner
+from tpa_jax.train import trainer as trainer_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 # Two seconds of audio keep the tiny step cheap to compile; the giant plans use 30 s.
@@ -28,11 +33,7 @@ def run_plan(*args):
 def test_abstract_trainer_lowers_the_same_program_as_the_real_trainer(mesh22):
   config = tiny_config('tpa')
   featurizer = features.Featurizer.from_config(config.features)
-  optimizer, schedule = planner.optimizer_from_config(config)
-  real = train_step.create_trainer(
-      models.create_model(config, mesh22), optimizer, schedule, task='ctc',
-      trainable='adapters', frozen_dtype=models.dtype(config.train.frozen_dtype, 'dtype'),
-      mesh=mesh22, featurizer=featurizer, seed=config.seed)
+  real = trainer_lib.from_config(config, mesh22, featurizer=featurizer)
   abstract = planner.abstract_trainer(config, mesh22, featurizer)
   for a, b in zip(jax.tree.leaves((real.state, real.frozen, real.rest)),
                   jax.tree.leaves((abstract.state, abstract.frozen, abstract.rest))):

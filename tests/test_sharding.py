@@ -2,10 +2,12 @@
 
 import jax
 import pytest
+
 from conftest import tiny_config
 from jax.sharding import PartitionSpec as P
 
-from tpa_jax import models, sharding
+from tpa_jax import sharding
+from tpa_jax.nn import build
 
 
 def test_rules_use_each_mesh_axis_once():
@@ -33,7 +35,7 @@ def test_bad_rules_and_meshes_are_named():
 
 def test_weights_are_created_in_their_shards():
   mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2)
-  model = models.create_model(tiny_config('tpa'), mesh)
+  model = build.create_model(tiny_config('tpa'), mesh)
   kernel = model.encoder.blocks.ffn1.up.kernel[...]  # [layers, embed, mlp] = [4, 32, 64]
   assert kernel.sharding.spec == P(None, 'fsdp', 'tensor')
   assert {s.data.shape for s in kernel.addressable_shards} == {(4, 16, 32)}

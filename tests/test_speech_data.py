@@ -13,11 +13,12 @@ import scipy.signal
 import tensorflow_datasets as tfds
 
 from tpa_jax import config as config_lib
-from tpa_jax import decoding, evaluation
-from tpa_jax.data import audio as audio_lib
 from tpa_jax.data import datasets, pipeline, speech_corpus, synthesis
+from tpa_jax.data import pcm as audio_lib
 from tpa_jax.data import tokenizer as tokenizer_lib
 from tpa_jax.data.text import SentenceGenerator
+from tpa_jax.infer import decoding
+from tpa_jax.infer import scoring
 
 
 def small_domain(**fields):
@@ -298,11 +299,11 @@ def test_greedy_ctc_merges_repeats_then_drops_blanks():
 
 
 def test_error_rates():
-  rates = evaluation.error_rates(['a b c d', 'e f'], ['a x c', ''])
+  rates = scoring.error_rates(['a b c d', 'e f'], ['a x c', ''])
   assert rates['wer'] == pytest.approx(4 / 6)  # 1 sub + 1 del, then 2 del
-  assert evaluation.error_rates(['abc'], ['abc']) == {'wer': 0.0, 'cer': 0.0}
+  assert scoring.error_rates(['abc'], ['abc']) == {'wer': 0.0, 'cer': 0.0}
   with pytest.raises(ValueError, match='as many hypotheses'):
-    evaluation.error_rates(['a'], [])
+    scoring.error_rates(['a'], [])
 
 
 def test_classification_batches_carry_the_language(corpus):

@@ -121,7 +121,7 @@ def test_setup_copies_the_checkout_and_installs_on_every_worker(gcloud):
   assert result.returncode == 0, result.stderr
   scp, install, mount = tpu_calls(calls)
   assert scp['argv'][2:4] == ['tpu-vm', 'scp'] and '--worker=all' in scp['argv']
-  assert {'tpa_jax/training.py', 'launch/train.py', 'setup.py'} <= set(scp['archive'])
+  assert {'tpa_jax/train/loop.py', 'launch/train.py', 'setup.py'} <= set(scp['archive'])
   assert not any(n.startswith('.venv') for n in scp['archive'])
   for call in (install, mount):
     assert call['argv'][2:5] == ['tpu-vm', 'ssh', 's1'] and '--worker=all' in call['argv']

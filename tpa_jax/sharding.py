@@ -17,6 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from tpa_jax.errors import ConfigError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # The vocabulary of logical axes. Layers use only these names.
@@ -119,21 +121,68 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   sizes = {'data': data, 'fsdp': fsdp, 'tensor': tensor}
   for name, size in sizes.items():
     if not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
-      raise ValueError(f'mesh.{name}={size!r}: expected a positive integer or -1 (the rest)')
+      raise ConfigError(f'mesh.{name}={size!r}: expected a positive integer or -1 (the rest)')
   auto = [k for k, v in sizes.items() if v == -1]
   if len(auto) > 1:
-    raise ValueError(f'mesh: only one axis may be -1, got {auto}')
+    raise ConfigError(f'mesh: only one axis may be -1, got {auto}')
   fixed = math.prod(v for v in sizes.values() if v != -1)
   if auto:
     if n % fixed:
-      raise ValueError(f'mesh {sizes} does not divide {n} devices: the fixed axes multiply to {fixed}')
+      raise ConfigError(f'mesh {sizes} does not divide {n} devices: the fixed axes multiply to '
+                        f'{fixed}')
     sizes[auto[0]] = n // fixed
   if math.prod(sizes.values()) != n:
-    raise ValueError(f'mesh {sizes} needs {math.prod(sizes.values())} devices, {n} are available; '
+    raise ConfigError(f'mesh {sizes} needs {math.prod(sizes.values())} devices, {n} are available; '
                      'set one axis to -1 to take the rest')
   shape = tuple(sizes[a] for a in MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
+
+
+def parse_mesh(text: str, num_devices: int) -> dict[str, int]:
+  """'data=2,fsdp=-1' -> {'data': 2, 'fsdp': num_devices // 2, 'tensor': 1}, checked against
+  the device count (named errors, before anything is built)."""
+  sizes = {'data': 1, 'fsdp': 1, 'tensor': 1}
+  for part in filter(None, text.split(',')):
+    name, _, value = part.partition('=')
+    name = name.strip()
+    if name not in sizes:
+      raise ConfigError(f'mesh axis {name!r} in --mesh={text!r}: accepted axes are '
+                       f'{MESH_AXES}')
+    try:
+      sizes[name] = int(value)
+    except ValueError:
+      raise ConfigError(f'mesh axis {name}={value!r} in --mesh={text!r}: accepted sizes are '
+                       'positive integers or -1 (the remaining devices)') from None
+    if sizes[name] < 1 and sizes[name] != -1:
+      raise ConfigError(f'mesh axis {name}={value} in --mesh={text!r}: accepted sizes are '
+                       'positive integers or -1 (the remaining devices)')
+  auto = [k for k, v in sizes.items() if v == -1]
+  if len(auto) > 1:
+    raise ConfigError(f'--mesh={text!r}: only one axis may be -1, got {auto}')
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+  if (auto and num_devices % fixed) or (not auto and fixed != num_devices):
+    raise ConfigError(f'--mesh={text!r} does not divide {num_devices} devices: its fixed axes '
+                     f'multiply to {fixed}; accepted: sizes multiplying to {num_devices}, or to '
+                     f'one of {divisors} with one axis -1')
+  if auto:
+    sizes[auto[0]] = num_devices // fixed
+  return sizes
+
+
+def program_mesh(config_mesh, override: str = '',
+                 devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """The mesh of a program that reads a run (evaluation, export): `override` ('data=..,fsdp=..')
+  when given; else the config's mesh if it fits the devices here; else every device on the data
+  axis. A run trained on 4 devices is thus read on 1."""
+  devices = list(devices if devices is not None else jax.devices())
+  if override:
+    return make_mesh(**parse_mesh(override, len(devices)), devices=devices)
+  try:
+    return make_mesh(**dict(config_mesh), devices=devices)
+  except ConfigError:
+    return make_mesh(devices=devices)
 
 
 def named(mesh: jax.sharding.Mesh, axes: Sequence[str | None]) -> NamedSharding:

@@ -2,7 +2,7 @@
 target parameter from named source tensors, the check of that plan against the files (before any
 array is read), and the base checkpoint it writes.
 
-A converted base is a directory: `encoder/` (an orbax checkpoint of `checkpoints.base_state`, as
+A converted base is a directory: `encoder/` (an orbax checkpoint of `checkpoint.base_state`, as
 `config.base.path` expects) and `encoder.json` (the model and features configs it needs, where it
 came from, and which source tensors were deliberately left out).
 """
@@ -22,8 +22,10 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from tpa_jax import checkpoints, models, sharding
+from tpa_jax import checkpoint, sharding
 from tpa_jax import config as config_lib
+from tpa_jax.errors import UserError
+from tpa_jax.nn import build
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -32,7 +34,7 @@ PREPROCESSOR_FILE = 'preprocessor_config.json'
 ENCODER = 'encoder'  # the checkpoint folder inside a converted base
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
   """A source that cannot be converted as it is; the message names every offending item."""
 
 
@@ -152,8 +154,8 @@ def check_plan(rules: list[Rule], shapes: Mapping[str, tuple[int, ...]],
 def abstract_base(config: ml_collections.ConfigDict) -> nnx.State:
   """The base state of the model `config` describes, as shapes only (nothing allocated)."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  graphdef, abstract = sharding.abstract_model(lambda: models.build_model(config, seed=0), mesh)
-  return checkpoints.base_state(nnx.merge(graphdef, abstract))
+  graphdef, abstract = sharding.abstract_model(lambda: build.build_model(config, seed=0), mesh)
+  return checkpoint.base_state(nnx.merge(graphdef, abstract))
 
 
 def assemble(rules: list[Rule], source: HFDirectory, target: nnx.State, what: str) -> nnx.State:
@@ -189,7 +191,7 @@ def write_base(output_dir: str, state: nnx.State, config: ml_collections.ConfigD
   os.makedirs(output_dir, exist_ok=True)
   path = os.path.join(os.path.abspath(output_dir), ENCODER)
   metadata = {'model': config.model.to_dict(), 'features': config.features.to_dict(), **info}
-  checkpoints.save_state(path, state, metadata=json.loads(json.dumps(metadata, default=str)))
+  checkpoint.save_state(path, state, metadata=json.loads(json.dumps(metadata, default=str)))
   return path
 
 
@@ -239,7 +241,7 @@ def apply_base_config(config: ml_collections.ConfigDict, path: str) -> bool:
   """Sets `config.model` and `config.features` from the metadata saved with the base at `path`
   (a converted base directory or a checkpoint folder). False when the base has no such
   metadata (as the demo's own bases): then the config must describe the model itself."""
-  meta = checkpoints.read_metadata(base_path(path))
+  meta = checkpoint.read_metadata(base_path(path))
   if meta is None or 'model' not in meta:
     return False
   _update(config.model, meta['model'], 'model.')

@@ -21,6 +21,7 @@ import os
 from typing import Callable
 
 import jax
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -227,3 +228,24 @@ class SpeechData:
 def ctc_length(ids: list[int]) -> int:
   """Frames CTC needs for a label sequence: one per label, plus a blank between repeats."""
   return len(ids) + sum(1 for a, b in zip(ids, ids[1:]) if a == b)
+
+
+def open_for_config(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
+                    ) -> tuple[SpeechData, tokenizer_lib.Tokenizer | None]:
+  """(speech data, tokenizer) of `config.data`, prepared; sets the head's size from the data
+  (the tokenizer's vocabulary or the number of classes)."""
+  # Imported here: the featurizer is JAX code, the rest of this module is not.
+  from tpa_jax.audio.featurizer import output_frames  # pylint: disable=import-outside-toplevel
+  data = SpeechData.open(
+      config.data, workdir=workdir, task=config.head.kind, frames=output_frames(config),
+      # Each batch splits into grad_accum_steps micro-batches, each over the data axes.
+      data_ways=mesh.shape['data'] * mesh.shape['fsdp'] * config.train.grad_accum_steps)
+  data.prepare()
+  tokenizer = None
+  with config.unlocked():
+    if config.head.kind == 'ctc':
+      tokenizer = data.tokenizer(config.tokenizer, os.path.join(workdir, 'tokenizers'))
+      config.head.vocab_size = tokenizer.vocab_size
+    else:
+      config.head.num_classes = data.num_classes
+  return data, tokenizer

@@ -10,7 +10,7 @@ import zlib
 
 import numpy as np
 
-from tpa_jax.data import audio as audio_lib
+from tpa_jax.data import pcm
 
 SAMPLE_RATE_HZ = 16000
 
@@ -37,13 +37,13 @@ def synthesize(utt: Utterance) -> np.ndarray:
   from tpa_jax.data.espeak import Espeak  # pylint: disable=import-outside-toplevel
   engine = Espeak.get()
   raw = engine.synthesize(utt.text, voice=utt.voice, rate_wpm=utt.rate_wpm, pitch=utt.pitch)
-  audio = audio_lib.resample(raw.astype(np.float32) / 32768.0, engine.sample_rate,
+  audio = pcm.resample(raw.astype(np.float32) / 32768.0, engine.sample_rate,
                              SAMPLE_RATE_HZ)
-  audio = audio_lib.trim_silence(audio, margin=SAMPLE_RATE_HZ // 20)
+  audio = pcm.trim_silence(audio, margin=SAMPLE_RATE_HZ // 20)
   if utt.snr_db is not None:
-    audio = audio_lib.add_noise(audio, utt.snr_db, np.random.default_rng(noise_seed(utt.key,
+    audio = pcm.add_noise(audio, utt.snr_db, np.random.default_rng(noise_seed(utt.key,
                                                                                      utt.seed)))
-  return audio_lib.to_int16(audio)
+  return pcm.to_int16(audio)
 
 
 def synthesize_shard(utterances: list[Utterance]) -> list[np.ndarray]:

@@ -13,6 +13,8 @@ from typing import Iterable, Protocol, Sequence
 
 import sentencepiece as spm
 
+from tpa_jax.errors import ConfigError
+
 BLANK_ID = 0
 SPM_TYPES = ('unigram', 'bpe')
 
@@ -69,7 +71,7 @@ class SentencePieceTokenizer:
   def train(cls, texts: Iterable[str], *, vocab_size: int,
             model_type: str = 'unigram') -> 'SentencePieceTokenizer':
     if model_type not in SPM_TYPES:
-      raise ValueError(f'tokenizer.model_type={model_type!r}: accepted values are {SPM_TYPES}')
+      raise ConfigError(f'tokenizer.model_type={model_type!r}: accepted values are {SPM_TYPES}')
     texts = [t for t in texts if t.strip()]
     if not texts:
       raise ValueError('no non-empty transcripts to train the tokenizer on')
@@ -113,7 +115,7 @@ def load_or_train(path: str, texts_fn, *, kind: str = 'sentencepiece', vocab_siz
   elif kind == 'chars':
     tokenizer = CharTokenizer.from_texts(texts_fn())
   else:
-    raise ValueError(f"tokenizer.kind={kind!r}: accepted values are ('sentencepiece', 'chars')")
+    raise ConfigError(f"tokenizer.kind={kind!r}: accepted values are ('sentencepiece', 'chars')")
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   with tempfile.NamedTemporaryFile(dir=os.path.dirname(path) or '.', delete=False) as f:
     f.write(tokenizer.serialize())

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tpa_jax.errors import ConfigError
 from tpa_jax.nn.layers import Dense, LayerNorm
 from tpa_jax.nn.params import AdapterParam
 
@@ -31,7 +32,7 @@ UP_INITS = ('zeros', 'normal')
 
 def check_placement(placement: str) -> str:
   if placement not in PLACEMENTS:
-    raise ValueError(f'adapter.placement={placement!r}: accepted values are {tuple(PLACEMENTS)}')
+    raise ConfigError(f'adapter.placement={placement!r}: accepted values are {tuple(PLACEMENTS)}')
   return placement
 
 
@@ -55,28 +56,28 @@ def parse_blocks(blocks: str | int | Sequence[int], num_blocks: int) -> tuple[in
       step = parts[2] if len(parts) > 2 else None
       for bound in (start, stop):
         if bound is not None and not -num_blocks <= bound <= num_blocks:
-          raise ValueError(f'adapter.blocks={blocks!r} lies outside a model of {num_blocks} '
+          raise ConfigError(f'adapter.blocks={blocks!r} lies outside a model of {num_blocks} '
                            f'blocks; {accepted}')
       if step is not None and step <= 0:
-        raise ValueError(f'adapter.blocks={blocks!r}: the slice step must be positive')
+        raise ConfigError(f'adapter.blocks={blocks!r}: the slice step must be positive')
       indices = tuple(range(num_blocks))[slice(start, stop, step)]
       if not indices:
-        raise ValueError(f'adapter.blocks={blocks!r} selects no block of {num_blocks}; {accepted}')
+        raise ConfigError(f'adapter.blocks={blocks!r} selects no block of {num_blocks}; {accepted}')
       return indices
     else:
-      raise ValueError(f'adapter.blocks={blocks!r} is not a block selection; {accepted}')
+      raise ConfigError(f'adapter.blocks={blocks!r} is not a block selection; {accepted}')
   if isinstance(blocks, int):
     blocks = [blocks]
   indices = []
   for b in blocks:
     if isinstance(b, bool) or not isinstance(b, int) or not -num_blocks <= b < num_blocks:
-      raise ValueError(f'adapter.blocks={list(blocks)!r}: {b!r} is not a block of a model with '
+      raise ConfigError(f'adapter.blocks={list(blocks)!r}: {b!r} is not a block of a model with '
                        f'{num_blocks} blocks; {accepted}')
     indices.append(b % num_blocks)
   if not indices:
-    raise ValueError(f'adapter.blocks=[] selects no block; {accepted}')
+    raise ConfigError(f'adapter.blocks=[] selects no block; {accepted}')
   if len(set(indices)) != len(indices):
-    raise ValueError(f'adapter.blocks={list(blocks)!r} names a block twice')
+    raise ConfigError(f'adapter.blocks={list(blocks)!r} names a block twice')
   return tuple(sorted(indices))
 
 
@@ -87,12 +88,12 @@ class ResidualAdapter(nnx.Module):
                activation: str = 'relu', up_init: str = 'zeros', eps: float = 1e-5,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if not isinstance(bottleneck, int) or bottleneck <= 0:
-      raise ValueError(f'adapter.bottleneck={bottleneck!r}: must be a positive integer')
+      raise ConfigError(f'adapter.bottleneck={bottleneck!r}: must be a positive integer')
     if activation not in ACTIVATIONS:
-      raise ValueError(f'adapter.activation={activation!r}: accepted values are '
+      raise ConfigError(f'adapter.activation={activation!r}: accepted values are '
                        f'{tuple(ACTIVATIONS)}')
     if up_init not in UP_INITS:
-      raise ValueError(f'adapter.up_init={up_init!r}: accepted values are {UP_INITS}')
+      raise ConfigError(f'adapter.up_init={up_init!r}: accepted values are {UP_INITS}')
     kw = dict(dtype=dtype, param_dtype=param_dtype, param_type=AdapterParam, rngs=rngs)
     self.activation = activation
     self.norm = LayerNorm(dim, eps=eps, **kw) if use_norm else None

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from tpa_jax import sharding
+from tpa_jax.errors import ConfigError
 from tpa_jax.nn.layers import Dense, LayerNorm
 
 POSITION_SCHEMES = ('relative_key', 'rel_pos', 'none')
@@ -69,9 +70,9 @@ class SelfAttention(nnx.Module):
                left_max_position: int = 64, right_max_position: int = 8, use_bias: bool = True,
                eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if position not in POSITION_SCHEMES:
-      raise ValueError(f'model.position={position!r}: accepted values are {POSITION_SCHEMES}')
+      raise ConfigError(f'model.position={position!r}: accepted values are {POSITION_SCHEMES}')
     if dim % num_heads:
-      raise ValueError(f'model.dim={dim} is not divisible by model.num_heads={num_heads}')
+      raise ConfigError(f'model.dim={dim} is not divisible by model.num_heads={num_heads}')
     head_dim = dim // num_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.position, self.dtype, self.dim, self.head_dim = position, dtype, dim, head_dim
@@ -102,7 +103,8 @@ class SelfAttention(nnx.Module):
     concrete = isinstance(t, int)
     if self.position == 'relative_key':
       table_rk = self.distance_table[...].astype(self.dtype)
-      qe_bhtp = jnp.einsum('bthk,rk->bhtr', q_bthk, table_rk)
+      qe_bhtp = jnp.einsum('bthk,rk->bhtr', q_bthk, table_rk,
+                           preferred_element_type=jnp.float32)
       if concrete:
         # Row r of the table is distance r - left; spread it over every distance -(t-1)..t-1.
         qe_bhtp = _clip_distances(qe_bhtp, t, self.left_max, self.right_max)
@@ -113,7 +115,8 @@ class SelfAttention(nnx.Module):
       pos_pd = sinusoid_table(positions, self.dim).astype(self.dtype)
       pos_phk = self.pos_proj(pos_pd)
       q_v = q_bthk + self.pos_bias_v[...].astype(self.dtype)
-      qe_bhtp = jnp.einsum('bthk,phk->bhtp', q_v, pos_phk)
+      qe_bhtp = jnp.einsum('bthk,phk->bhtp', q_v, pos_phk,
+                           preferred_element_type=jnp.float32)
       column = lambda d: (t - 1) + d  # noqa: E731
     else:
       return None
@@ -131,10 +134,12 @@ class SelfAttention(nnx.Module):
     q_content = q_bthk
     if self.position == 'rel_pos':
       q_content = q_bthk + self.pos_bias_u[...].astype(self.dtype)
-    scores_bhts = jnp.einsum('bthk,bshk->bhts', q_content, k_bthk).astype(jnp.float32)
+    # Scores accumulate in float32 (and the softmax statistics stay there) in bf16 compute.
+    scores_bhts = jnp.einsum('bthk,bshk->bhts', q_content, k_bthk,
+                             preferred_element_type=jnp.float32)
     pos_bhts = self._position_scores(q_bthk, x_btd.shape[1])
     if pos_bhts is not None:
-      scores_bhts = scores_bhts + pos_bhts.astype(jnp.float32)
+      scores_bhts = scores_bhts + pos_bhts
     scores_bhts = scores_bhts / math.sqrt(self.head_dim)
     scores_bhts = jnp.where(mask_bt[:, None, None, :], scores_bhts, _MASKED)
     probs_bhts = jax.nn.softmax(scores_bhts, axis=-1).astype(self.dtype)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpa_jax import sharding
+from tpa_jax.errors import ConfigError
 from tpa_jax.nn.adapters import BlockAdapters
 from tpa_jax.nn.attention import SelfAttention
 from tpa_jax.nn.convolution import ConvModule
@@ -103,10 +104,10 @@ class ConformerEncoder(nnx.Module):
                remat_policy: str = 'none', rngs: nnx.Rngs,
                adapter_rngs: nnx.Rngs | None = None):
     if remat_policy not in REMAT_POLICIES:
-      raise ValueError(f'model.remat_policy={remat_policy!r}: accepted values are '
+      raise ConfigError(f'model.remat_policy={remat_policy!r}: accepted values are '
                        f'{tuple(REMAT_POLICIES)}')
     if num_blocks < 1:
-      raise ValueError(f'model.num_blocks={num_blocks}: must be a positive integer')
+      raise ConfigError(f'model.num_blocks={num_blocks}: must be a positive integer')
     adapter_blocks = tuple(adapter_blocks) if make_adapters is not None else ()
     if any(not 0 <= b < num_blocks for b in adapter_blocks) or list(adapter_blocks) != sorted(
         set(adapter_blocks)):
@@ -136,23 +137,31 @@ class ConformerEncoder(nnx.Module):
     return runs
 
   def _run_segment(self, x: jax.Array, mask_bt: jax.Array, a: int, b: int,
-                   adapter_offset: int | None) -> jax.Array:
-    # The segment's weights are sliced once and scanned over as `xs`: their gradient comes out
-    # stacked, instead of each layer's step updating a full-depth gradient buffer in place.
+                   adapter_offset: int | None, in_place: bool) -> jax.Array:
     block_def, block_state = nnx.split(self.blocks)
-    layers = [_layers(block_state, a, b)]
+    adapters = None
     if adapter_offset is not None:
       adapter_def, adapter_state = nnx.split(self.adapters)
-      layers.append(_layers(adapter_state, adapter_offset, adapter_offset + b - a))
+      adapters = _layers(adapter_state, adapter_offset, adapter_offset + b - a)
+    if in_place and (a, b) != (0, self.num_blocks):
+      # Block weights that are not differentiated are read in place, one layer per step: a
+      # slice of the stack would be a copy of those frozen weights.
+      blocks, layer_of = jnp.arange(a, b), lambda i: jax.tree.map(
+          lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False), block_state)
+    else:
+      # Differentiated weights are sliced once and scanned over as `xs`: their gradient comes
+      # out stacked, instead of each layer's step updating a full-depth gradient buffer.
+      blocks, layer_of = _layers(block_state, a, b), lambda layer: layer
 
     def apply(x, layer):
-      block = nnx.merge(block_def, layer[0])
-      adapters = nnx.merge(adapter_def, layer[1]) if adapter_offset is not None else None
-      return block(x, mask_bt, adapters)
+      block = nnx.merge(block_def, layer_of(layer[0]))
+      adapter = nnx.merge(adapter_def, layer[1]) if adapter_offset is not None else None
+      return block(x, mask_bt, adapter)
 
     policy = REMAT_POLICIES[self.remat_policy]
     if self.remat_policy != 'none':
       apply = jax.checkpoint(apply, policy=policy)
+    layers = (blocks, adapters)
     if self.scan_layers:
       x, _ = jax.lax.scan(lambda x, layer: (apply(x, layer), None), x, layers)
     else:
@@ -161,13 +170,15 @@ class ConformerEncoder(nnx.Module):
     return x
 
   def run_blocks(self, x_btd: jax.Array, mask_bt: jax.Array, start: int = 0,
-                 stop: int | None = None) -> jax.Array:
-    """Blocks [start, stop) (default: to the top), segment by segment."""
+                 stop: int | None = None, *, in_place: bool = False) -> jax.Array:
+    """Blocks [start, stop) (default: to the top), segment by segment. `in_place`: the block
+    weights are not differentiated (frozen), so partial segments read them from the stack
+    instead of slicing a copy."""
     stop = self.num_blocks if stop is None else stop
     for a, b, offset in self.segments(start):
       if a >= stop:
         break
-      x_btd = self._run_segment(x_btd, mask_bt, a, min(b, stop), offset)
+      x_btd = self._run_segment(x_btd, mask_bt, a, min(b, stop), offset, in_place)
     return x_btd
 
   def finish(self, x_btd: jax.Array) -> jax.Array:

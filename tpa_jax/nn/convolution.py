@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpa_jax import sharding
+from tpa_jax.errors import ConfigError
 from tpa_jax.nn.layers import ACTIVATIONS, Dense, FrozenBatchNorm, LayerNorm, get_activation
 
 CONV_NORMS = ('layer', 'batch')
@@ -23,11 +24,11 @@ class ConvModule(nnx.Module):
                use_bias: bool = True, eps: float = 1e-5, activation: str = 'swish',
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if norm not in CONV_NORMS:
-      raise ValueError(f'model.conv_norm={norm!r}: accepted values are {CONV_NORMS}')
+      raise ConfigError(f'model.conv_norm={norm!r}: accepted values are {CONV_NORMS}')
     if kernel_size < 1:
-      raise ValueError(f'model.conv_kernel_size={kernel_size}: must be a positive integer')
+      raise ConfigError(f'model.conv_kernel_size={kernel_size}: must be a positive integer')
     if not causal and kernel_size % 2 == 0:
-      raise ValueError(f'model.conv_kernel_size={kernel_size}: a symmetric (non-causal) '
+      raise ConfigError(f'model.conv_kernel_size={kernel_size}: a symmetric (non-causal) '
                        'depthwise convolution needs an odd kernel size')
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.kernel_size, self.causal, self.dtype = kernel_size, causal, dtype

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tpa_jax.errors import ConfigError
 from tpa_jax.nn.layers import Dense, LayerNorm
 
 FRONTENDS = ('conv2d', 'stacked', 'dw_striding')
@@ -44,7 +45,7 @@ class Conv2dSubsampling(nnx.Module):
       freq = (freq - kernel_size) // stride + 1
       in_ch = channels
     if freq < 1:
-      raise ValueError(f'model.frontend.input_dim={input_dim} is too small for {num_layers} '
+      raise ConfigError(f'model.frontend.input_dim={input_dim} is too small for {num_layers} '
                        f'convolutions of kernel {kernel_size}, stride {stride}')
     self.kernels, self.biases = nnx.List(kernels), nnx.List(biases)
     self.out = Dense(channels * freq, dim, axes=(None, 'embed'), dtype=dtype,
@@ -80,7 +81,7 @@ class DepthwiseStridingSubsampling(nnx.Module):
                kernel_size: int = 3, stride: int = 2, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     if num_layers < 1:
-      raise ValueError(f'model.frontend.num_layers={num_layers}: must be a positive integer')
+      raise ConfigError(f'model.frontend.num_layers={num_layers}: must be a positive integer')
     self.input_dim, self.dtype = input_dim, dtype
     self.kernel_size, self.stride, self.pad = kernel_size, stride, (kernel_size - 1) // 2
     init = nnx.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal',
@@ -100,7 +101,7 @@ class DepthwiseStridingSubsampling(nnx.Module):
     for _ in range(num_layers):
       freq = self._out_len(freq)
     if freq < 1:
-      raise ValueError(f'model.frontend.input_dim={input_dim} is too small for {num_layers} '
+      raise ConfigError(f'model.frontend.input_dim={input_dim} is too small for {num_layers} '
                        f'convolutions of kernel {kernel_size}, stride {stride}')
     self.out = Dense(channels * freq, dim, axes=(None, 'embed'), dtype=dtype,
                      param_dtype=param_dtype, rngs=rngs)

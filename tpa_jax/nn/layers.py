@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpa_jax import sharding
+from tpa_jax.errors import ConfigError
 
 Axes = tuple[str | None, ...]
 Initializer = Callable[..., jax.Array]
@@ -27,7 +28,7 @@ ACTIVATIONS = {
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   """The activation function called `name` (a key of ACTIVATIONS)."""
   if name not in ACTIVATIONS:
-    raise ValueError(f'model.activation={name!r}: accepted values are {tuple(ACTIVATIONS)}')
+    raise ConfigError(f'model.activation={name!r}: accepted values are {tuple(ACTIVATIONS)}')
   return ACTIVATIONS[name]
 
 
@@ -39,13 +40,15 @@ class Dense(nnx.Module):
   """y = x·W + b contracting the trailing `in_shape` dims of x with the leading dims of W.
 
   Kernel shape is `in_shape + out_shape`, so attention projections keep (embed, heads, kv) axes.
+  Inputs and weights are cast to `dtype`; the product accumulates and is returned in
+  `out_dtype` (default `dtype`; task heads ask for float32 when computing in bf16).
   """
 
   def __init__(self, in_shape: int | Sequence[int], out_shape: int | Sequence[int], *,
                axes: Axes, use_bias: bool = True, kernel_init: Initializer | None = None,
                bias_init: Initializer = nnx.initializers.zeros_init(),
                dtype=jnp.float32, param_dtype=jnp.float32, param_type=nnx.Param,
-               rngs: nnx.Rngs):
+               out_dtype=None, rngs: nnx.Rngs):
     self.in_shape, self.out_shape = _tuple(in_shape), _tuple(out_shape)
     n_in, n_out = len(self.in_shape), len(self.out_shape)
     if len(axes) != n_in + n_out:
@@ -54,7 +57,7 @@ class Dense(nnx.Module):
       kernel_init = nnx.initializers.variance_scaling(
           1.0, 'fan_in', 'truncated_normal', in_axis=tuple(range(n_in)),
           out_axis=tuple(range(n_in, n_in + n_out)))
-    self.dtype = dtype
+    self.dtype, self.out_dtype = dtype, out_dtype or dtype
     shape = self.in_shape + self.out_shape
     self.kernel = param_type(kernel_init(rngs.params(), shape, param_dtype), out_sharding=axes)
     self.bias = (param_type(bias_init(rngs.params(), self.out_shape, param_dtype),
@@ -66,9 +69,9 @@ class Dense(nnx.Module):
       raise ValueError(f'Dense expects trailing dims {self.in_shape}, got input shape {x.shape}')
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                            (contract, ((), ())))
+                            (contract, ((), ())), preferred_element_type=self.out_dtype)
     if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
+      y = y + self.bias[...].astype(self.out_dtype)
     return y
 
 

@@ -42,19 +42,27 @@ class SpeechModel(nnx.Module):
     if frozen_depth is None:
       return features_btf, mask_bt
     x, mask = self.encoder.frontend(features_btf, mask_bt)
-    return self.encoder.run_blocks(x, mask, 0, frozen_depth), mask
+    return self.encoder.run_blocks(x, mask, 0, frozen_depth, in_place=True), mask
 
-  def suffix(self, x: jax.Array, mask: jax.Array,
-             frozen_depth: int | None) -> tuple[jax.Array, jax.Array]:
-    """Runs everything above the frozen prefix; returns (logits, encoder mask)."""
+  def suffix(self, x: jax.Array, mask: jax.Array, frozen_depth: int | None, *,
+             blocks_frozen: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Runs everything above the frozen prefix; returns (logits, encoder mask).
+    `blocks_frozen`: no block weight is differentiated (adapters or the head train), so they
+    are read in place."""
     if frozen_depth is None:
       x, mask = self.encoder.frontend(x, mask)
       frozen_depth = 0
-    x = self.encoder.finish(self.encoder.run_blocks(x, mask, frozen_depth))
+    x = self.encoder.finish(self.encoder.run_blocks(x, mask, frozen_depth,
+                                                    in_place=blocks_frozen))
     return self.head(x, mask), mask
 
   def __call__(self, features_btf: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
     return self.suffix(*self.prefix(features_btf, mask_bt, None), None)
+
+  @staticmethod
+  def blocks_train(trainable: nnx.State) -> bool:
+    """Whether any weight of the stacked blocks is in `trainable` (full fine-tuning)."""
+    return any(path[:2] == ('encoder', 'blocks') for path, _ in nnx.to_flat_state(trainable))
 
   def encode(self, features_btf: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Last hidden state [B, T', D] and its mask, without the head."""

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tpa_jax.errors import ConfigError
+
 SCHEDULES = ('cosine', 'rsqrt', 'constant')
 
 
@@ -14,9 +16,9 @@ def make_schedule(*, learning_rate: float, schedule: str, warmup_steps: int, dec
   """Linear warmup to `learning_rate`, then cosine decay to `end_ratio`·lr at `decay_steps`,
   rsqrt decay lr·sqrt(warmup/step), or a constant."""
   if schedule not in SCHEDULES:
-    raise ValueError(f'optim.schedule={schedule!r}: accepted values are {SCHEDULES}')
+    raise ConfigError(f'optim.schedule={schedule!r}: accepted values are {SCHEDULES}')
   if learning_rate <= 0:
-    raise ValueError(f'optim.learning_rate={learning_rate}: must be positive')
+    raise ConfigError(f'optim.learning_rate={learning_rate}: must be positive')
   warmup_steps = max(int(warmup_steps), 0)
   if schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(
@@ -56,3 +58,12 @@ def make_optimizer(*, learning_rate: float, schedule: str = 'cosine', warmup_ste
   parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                            mask=_decay_mask))
   return optax.chain(*parts), sched
+
+
+def from_config(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, schedule) of `config.optim`, decaying over `config.train.num_steps`."""
+  o = config.optim
+  return make_optimizer(
+      learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
+      decay_steps=config.train.num_steps, end_ratio=o.end_ratio, b1=o.b1, b2=o.b2, eps=o.eps,
+      weight_decay=o.weight_decay, clip_norm=o.clip_norm)

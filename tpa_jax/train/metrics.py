@@ -100,3 +100,12 @@ class MetricsWriter:
   def close(self) -> None:
     if self.tensorboard is not None:
       self.tensorboard.close()
+
+
+def write_json(path: str, value: dict) -> None:
+  """Writes `value` to `path` from process 0 (atomically: a reader never sees half a file)."""
+  if jax.process_index() != 0:
+    return
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + '.tmp', path)

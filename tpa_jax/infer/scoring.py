@@ -10,9 +10,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tpa_jax import decoding, sharding
-from tpa_jax.features import Featurizer
-from tpa_jax.train_step import batch_inputs, batch_shardings
+from tpa_jax import sharding
+from tpa_jax.audio.featurizer import Featurizer
+from tpa_jax.infer import decoding
+from tpa_jax.train.step import batch_inputs, batch_shardings
 
 
 def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:

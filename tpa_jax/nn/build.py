@@ -10,6 +10,7 @@ import ml_collections
 from flax import nnx
 
 from tpa_jax import sharding
+from tpa_jax.errors import ConfigError
 from tpa_jax.nn import adapters as adapters_lib
 from tpa_jax.nn.conformer import ConformerBlock, ConformerEncoder
 from tpa_jax.nn.frontend import (FRONTENDS, Conv2dSubsampling, DepthwiseStridingSubsampling,
@@ -60,7 +61,7 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int) -> SpeechModel:
         f.input_dim, m.dim, channels=f.channels, num_layers=f.num_layers,
         kernel_size=f.kernel_size, stride=f.stride, rngs=rngs, **kw)
   else:
-    raise ValueError(f'model.frontend.kind={f.kind!r}: accepted values are {FRONTENDS}')
+    raise ConfigError(f'model.frontend.kind={f.kind!r}: accepted values are {FRONTENDS}')
 
   make_block = functools.partial(
       ConformerBlock, m.dim, m.num_heads, m.ffn_dim, m.conv_kernel_size, position=m.position,
@@ -89,7 +90,7 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int) -> SpeechModel:
   elif h.kind == 'classification':
     head = ClassificationHead(m.dim, h.num_classes, **head_kw)
   else:
-    raise ValueError(f'head.kind={h.kind!r}: accepted values are {HEADS}')
+    raise ConfigError(f'head.kind={h.kind!r}: accepted values are {HEADS}')
   return SpeechModel(encoder, head)
 
 

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tpa_jax.errors import ConfigError
+
 TASKS = ('ctc', 'classification')
 
 
@@ -41,7 +43,7 @@ _KIND_NAMES = {'i': 'an integer dtype', 'b': 'bool'}
 def check_labels(task: str, batch: dict) -> None:
   """Rejects missing label arrays or ones of the wrong rank or dtype, naming the key."""
   if task not in LABEL_SPECS:
-    raise ValueError(f'head.kind={task!r}: accepted values are {TASKS}')
+    raise ConfigError(f'head.kind={task!r}: accepted values are {TASKS}')
   for key, (rank, kind) in LABEL_SPECS[task].items():
     if key not in batch:
       raise KeyError(f'a {task} batch needs {key!r}; it has {sorted(batch)}')

@@ -4,8 +4,8 @@
     plan.fits('v5e'), plan.per_device_bytes['total']
 
 The model, optimizer state and batch are `jax.ShapeDtypeStruct`s with the shardings training
-would give them (`nnx.get_abstract_model`, nothing is allocated); the step is the one
-`train_step.make_train_step` builds, lowered and compiled for the mesh, and the compiler's own
+would give them (`trainer.from_config(..., abstract=True)`, nothing is allocated); the step is
+the one training runs, lowered and compiled for the mesh, and the compiler's own
 memory analysis of that program gives the per-device bytes. Batches hold int16 audio, so the
 log-mel features are computed on device as in training. On simulated CPU devices the numbers are
 those of XLA's CPU compiler for the sharded program: a plan, not a TPU measurement.
@@ -21,10 +21,13 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tpa_jax import costs, features, losses, models, optim, partition, sharding, train_step
+from tpa_jax import sharding
+from tpa_jax.audio.featurizer import Featurizer, featurizer as make_featurizer
+from tpa_jax.plan import costs
+from tpa_jax.sharding import parse_mesh
+from tpa_jax.train import partition
+from tpa_jax.train import trainer as trainer_lib
 
 GIB = 2 ** 30
 # Memory per chip. TPUs in GiB of HBM, GPUs as sold (GB).
@@ -52,52 +55,6 @@ def accelerator_bytes(name: str) -> int:
   return ACCELERATORS[name]
 
 
-def parse_mesh(text: str, num_devices: int) -> dict[str, int]:
-  """'data=2,fsdp=-1' -> {'data': 2, 'fsdp': num_devices // 2, 'tensor': 1}, checked against
-  the device count (named errors, before anything is built)."""
-  sizes = {'data': 1, 'fsdp': 1, 'tensor': 1}
-  for part in filter(None, text.split(',')):
-    name, _, value = part.partition('=')
-    name = name.strip()
-    if name not in sizes:
-      raise ValueError(f'mesh axis {name!r} in --mesh={text!r}: accepted axes are '
-                       f'{sharding.MESH_AXES}')
-    try:
-      sizes[name] = int(value)
-    except ValueError:
-      raise ValueError(f'mesh axis {name}={value!r} in --mesh={text!r}: accepted sizes are '
-                       'positive integers or -1 (the remaining devices)') from None
-    if sizes[name] < 1 and sizes[name] != -1:
-      raise ValueError(f'mesh axis {name}={value} in --mesh={text!r}: accepted sizes are '
-                       'positive integers or -1 (the remaining devices)')
-  auto = [k for k, v in sizes.items() if v == -1]
-  if len(auto) > 1:
-    raise ValueError(f'--mesh={text!r}: only one axis may be -1, got {auto}')
-  fixed = math.prod(v for v in sizes.values() if v != -1)
-  divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
-  if (auto and num_devices % fixed) or (not auto and fixed != num_devices):
-    raise ValueError(f'--mesh={text!r} does not divide {num_devices} devices: its fixed axes '
-                     f'multiply to {fixed}; accepted: sizes multiplying to {num_devices}, or to '
-                     f'one of {divisors} with one axis -1')
-  if auto:
-    sizes[auto[0]] = num_devices // fixed
-  return sizes
-
-
-def optimizer_from_config(config: ml_collections.ConfigDict):
-  """(optimizer, schedule) as training builds them from `config.optim`."""
-  o = config.optim
-  return optim.make_optimizer(
-      learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
-      decay_steps=config.train.num_steps, end_ratio=o.end_ratio, b1=o.b1, b2=o.b2, eps=o.eps,
-      weight_decay=o.weight_decay, clip_norm=o.clip_norm)
-
-
-def _with_shardings(tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      tree, shardings)
-
-
 def _check_divisible(tree, mesh: jax.sharding.Mesh, what: str) -> None:
   """A named error for a weight whose sharded dimension the mesh does not divide."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -114,52 +71,16 @@ def _check_divisible(tree, mesh: jax.sharding.Mesh, what: str) -> None:
 
 
 def abstract_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                     featurizer: features.Featurizer | None = None) -> train_step.Trainer:
-  """The trainer `train_step.create_trainer` would build for `config` on `mesh`, with every
-  array a sharded ShapeDtypeStruct: the same step function, shardings and dtypes, nothing
-  allocated. Its `lower(batch)` lowers the real step."""
-  task = config.head.kind
-  if task not in losses.TASKS:
-    raise ValueError(f'head.kind={task!r}: accepted values are {losses.TASKS}')
-  rules = sharding.validate_rules(sharding.DEFAULT_RULES)
-  with sharding.axis_rules(rules):
-    graphdef, abstract = sharding.abstract_model(
-        lambda: models.build_model(config, seed=config.seed), mesh)
-  model = nnx.merge(graphdef, abstract)
-  graphdef, trainable, frozen, rest = partition.split(model, config.train.trainable)
-  frozen_depth = model.frozen_depth(trainable)
-  frozen_dtype = models.dtype(config.train.frozen_dtype, 'train.frozen_dtype')
-  # Frozen weights are stored in `frozen_dtype`, as create_trainer casts them.
-  frozen = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(
-          x.shape, frozen_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
-          sharding=x.sharding), frozen)
-  optimizer, schedule = optimizer_from_config(config)
-  with sharding.axis_rules(rules):
-    trainable_sh = train_step.tree_shardings(trainable, mesh)
-    frozen_sh = train_step.tree_shardings(frozen, mesh)
-    rest_sh = train_step.tree_shardings(rest, mesh)
-    opt_state = jax.eval_shape(optimizer.init, trainable)
-    opt_sh = train_step.tree_shardings(opt_state, mesh)
-  replicated = NamedSharding(mesh, P())
-  state = train_step.TrainState(
-      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-      trainable=_with_shardings(trainable, trainable_sh),
-      opt_state=_with_shardings(opt_state, opt_sh))
-  frozen, rest = _with_shardings(frozen, frozen_sh), _with_shardings(rest, rest_sh)
-  for what, tree in (('trainable weight', state.trainable), ('frozen weight', frozen),
-                     ('optimizer state', state.opt_state)):
+                     featurizer: Featurizer | None = None) -> trainer_lib.Trainer:
+  """The trainer `launch/train.py` builds for `config` on `mesh` (`trainer.from_config`), with
+  every array a sharded ShapeDtypeStruct: the same step function, shardings and dtypes,
+  nothing allocated; named errors for weights the mesh cannot split."""
+  trainer = trainer_lib.from_config(config, mesh, abstract=True, featurizer=featurizer)
+  for what, tree in (('trainable weight', trainer.state.trainable),
+                     ('frozen weight', trainer.frozen),
+                     ('optimizer state', trainer.state.opt_state)):
     _check_divisible(tree, mesh, what)
-  grad_accum_steps = config.train.grad_accum_steps
-  step_fn = train_step.make_train_step(
-      graphdef, optimizer, schedule, task=task, frozen_depth=frozen_depth, rules=rules,
-      featurizer=featurizer, seed=config.seed, grad_accum_steps=grad_accum_steps)
-  state_sh = train_step.TrainState(step=replicated, trainable=trainable_sh, opt_state=opt_sh)
-  return train_step.Trainer(
-      graphdef=graphdef, state=state, frozen=frozen, rest=rest, mesh=mesh,
-      frozen_depth=frozen_depth, state_shardings=state_sh, frozen_shardings=frozen_sh,
-      rest_shardings=rest_sh, step_fn=step_fn, rules=rules, task=task, featurizer=featurizer,
-      grad_accum_steps=grad_accum_steps)
+  return trainer
 
 
 def abstract_batch(config: ml_collections.ConfigDict, batch_size: int,
@@ -239,10 +160,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], *,
   batch_size = check_batch_size(config, mesh_sizes, per_device_batch)
   if seconds <= 0:
     raise ValueError(f'seconds={seconds}: accepted values are positive numbers')
-  featurizer = features.Featurizer.from_config(config.features)
-  if featurizer.num_mels != config.model.frontend.input_dim:
-    raise ValueError(f'features.num_mels={featurizer.num_mels} must equal '
-                     f'model.frontend.input_dim={config.model.frontend.input_dim}')
+  featurizer = make_featurizer(config)
   jax_mesh = sharding.make_mesh(**mesh_sizes, devices=devices)
   trainer = abstract_trainer(config, jax_mesh, featurizer)
   batch = abstract_batch(config, batch_size, seconds)

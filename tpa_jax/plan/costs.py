@@ -9,8 +9,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tpa_jax import models, sharding
-from tpa_jax.train_step import Trainer
+from tpa_jax import sharding
+from tpa_jax.nn import build
+from tpa_jax.train.trainer import Trainer
 
 
 def abstract_param_count(config: ml_collections.ConfigDict) -> int:
@@ -18,7 +19,7 @@ def abstract_param_count(config: ml_collections.ConfigDict) -> int:
   allocated, so it serves the giant presets on any machine)."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   graphdef, abstract = sharding.abstract_model(
-      lambda: models.build_model(config, seed=config.seed), mesh)
+      lambda: build.build_model(config, seed=config.seed), mesh)
   params = nnx.state(nnx.merge(graphdef, abstract), nnx.Param)
   return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
@@ -58,3 +59,41 @@ def lowered_flops(lowered) -> float:
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost['flops'])
+
+
+def jaxpr_flops(fn, *args) -> float:
+  """FLOPs of the matrix products and convolutions of `fn(*args)`, counted on its jaxpr with each
+  scan body counted once per iteration (a lowered program's cost analysis counts a loop body
+  once), so a layer-scanned step is counted whole."""
+  return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _sub_jaxprs(params: dict):
+  for value in params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, jax.extend.core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax.extend.core.Jaxpr):
+        yield item
+
+
+def _jaxpr_flops(jaxpr) -> float:
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'dot_general':
+      (contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+          lhs.shape[d] for d in contract)
+    elif name == 'conv_general_dilated':
+      rhs, spec = eqn.invars[1].aval, eqn.params['dimension_numbers'].rhs_spec
+      # Each output element: a dot over the kernel's input features and spatial taps.
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+          rhs.shape[d] for d in spec[1:])
+    inner = [_jaxpr_flops(j) for j in _sub_jaxprs(eqn.params)]
+    if name == 'cond':
+      total += max(inner, default=0.0)  # one branch runs
+    else:
+      total += sum(inner) * eqn.params.get('length', 1)  # scan: its body `length` times
+  return total

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tpa_jax.errors import ConfigError
 from tpa_jax.nn.params import AdapterParam, HeadParam
 
 # train.trainable -> the variable types that get gradients and optimizer state.
@@ -18,7 +19,7 @@ TRAINABLE = {
 
 def trainable_filter(name: str):
   if name not in TRAINABLE:
-    raise ValueError(f'train.trainable={name!r}: accepted values are {tuple(TRAINABLE)}')
+    raise ConfigError(f'train.trainable={name!r}: accepted values are {tuple(TRAINABLE)}')
   return TRAINABLE[name]
 
 
@@ -33,11 +34,11 @@ def split(model: nnx.Module, trainable_name: str):
   graphdef, trainable_state, frozen_state, rest_state = nnx.split(
       model, trainable, frozen_filter(trainable), ...)
   if trainable_name == 'adapters' and not jax.tree.leaves(nnx.state(model, AdapterParam)):
-    raise ValueError("train.trainable='adapters' but the model has no adapters "
+    raise ConfigError("train.trainable='adapters' but the model has no adapters "
                      "(adapter.placement='none'); set adapter.placement to one of the placements, "
                      "or train.trainable to 'head' or 'full'")
   if not jax.tree.leaves(trainable_state):
-    raise ValueError(
+    raise ConfigError(
         f'train.trainable={trainable_name!r} selects no variable of this model; accepted values '
         f'are {tuple(TRAINABLE)}')
   return graphdef, trainable_state, frozen_state, rest_state

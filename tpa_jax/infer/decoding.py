@@ -17,6 +17,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from tpa_jax.errors import ConfigError
+
 NEG_INF = -1e30
 
 
@@ -190,7 +192,7 @@ def make_decoder(config, tokenizer, train_texts: Callable[[], Iterable[str]]
   if config.kind == 'greedy':
     return None
   if config.kind != 'lexicon':
-    raise ValueError(f"decoding.kind={config.kind!r}: accepted values are 'greedy', 'lexicon'")
+    raise ConfigError(f"decoding.kind={config.kind!r}: accepted values are 'greedy', 'lexicon'")
   return LexiconDecoder(tokenizer.token_texts(),
                         WordLM.from_texts(train_texts(), config.lm_smoothing),
                         alpha=config.alpha, beta=config.beta, beam_width=config.beam_width,

@@ -10,7 +10,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tpa_jax import checkpoints, features, models, sharding
+from tpa_jax import checkpoint, sharding
+from tpa_jax.audio.featurizer import Featurizer
+from tpa_jax.nn import build
 
 
 def read_wav(path: str, sample_rate_hz: int) -> np.ndarray:
@@ -36,9 +38,9 @@ def load_encoder(config: ml_collections.ConfigDict, base_path: str,
                  mesh: jax.sharding.Mesh) -> nnx.Module:
   """The encoder described by `config.model` with the weights of the base at `base_path`,
   restored straight into its shardings on `mesh` (no random init first)."""
-  graphdef, abstract = sharding.abstract_model(lambda: models.build_model(config, seed=0), mesh)
+  graphdef, abstract = sharding.abstract_model(lambda: build.build_model(config, seed=0), mesh)
   model = nnx.merge(graphdef, abstract)
-  nnx.update(model.encoder, checkpoints.restore_state(base_path, checkpoints.base_state(model)))
+  nnx.update(model.encoder, checkpoint.restore_state(base_path, checkpoint.base_state(model)))
   return model.encoder
 
 
@@ -48,7 +50,7 @@ def encode_audio(config: ml_collections.ConfigDict, base_path: str,
   `base_path` (described by `config.model` and `config.features`) on one utterance."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.adapter.placement = 'none'
-  featurizer = features.Featurizer.from_config(config.features)
+  featurizer = Featurizer.from_config(config.features)
   if featurizer.frames(len(audio)) < 1:
     raise ValueError(f'the audio has {len(audio)} samples, fewer than one feature frame '
                      f'({featurizer.window} samples)')

@@ -22,9 +22,15 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from tpa_jax import checkpoints, decoding, evaluation, models, sharding, training
+from tpa_jax import checkpoint, sharding
 from tpa_jax import config as config_lib
+from tpa_jax.audio.featurizer import featurizer, output_frames
 from tpa_jax.data import datasets
+from tpa_jax.infer import decoding, scoring
+from tpa_jax.nn import build
+from tpa_jax.train import loop as training
+from tpa_jax.train import trainer as trainer_lib
+from tpa_jax.train.metrics import MetricsWriter
 
 def stage_config(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict, *,
                  dataset: str, vocab_size: int) -> ml_collections.ConfigDict:
@@ -71,7 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   clock = Clock()
   mesh = sharding.make_mesh(**config.mesh)
   data_ways = mesh.shape['data'] * mesh.shape['fsdp']
-  frames = training.output_frames(config)
+  frames = output_frames(config)
   demo = config.demo
 
   # -- prepare -----------------------------------------------------------------------------
@@ -91,40 +97,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   source_tok = source.tokenizer(config.tokenizer, token_dir)
   target_tok = target.tokenizer(config.tokenizer, token_dir)
   clock.lap('tokenizers')
-  writer = training.MetricsWriter(workdir)
+  writer = MetricsWriter(workdir)
 
   # -- pretrain (or restore the cached base) -------------------------------------------------
   base_config = stage_config(config, demo.pretrain, dataset=demo.source,
                              vocab_size=source_tok.vocab_size)
   base_path = os.path.join(workdir, 'base')
   key = fingerprint(base_config, source_tok)
-  meta = checkpoints.read_metadata(os.path.join(base_path, 'encoder'))
-  base = models.create_model(base_config, mesh)
+  meta = checkpoint.read_metadata(os.path.join(base_path, 'encoder'))
+  base = build.create_model(base_config, mesh)
   if meta is not None and meta.get('fingerprint') == key:
     logging.info('restoring the pre-trained base from %s (delete it to pre-train again)',
                  base_path)
-    checkpoints.load_base(os.path.join(base_path, 'encoder'), base)
-    nnx.update(base.head, checkpoints.restore_state(os.path.join(base_path, 'head'),
+    checkpoint.load_base(os.path.join(base_path, 'encoder'), base)
+    nnx.update(base.head, checkpoint.restore_state(os.path.join(base_path, 'head'),
                                                     nnx.state(base.head)))
     pretrain_curve, pretrained_now = meta['curve'], False
   else:
-    trainer = training.make_trainer(base_config, mesh, base)
+    trainer = trainer_lib.from_config(base_config, mesh, model=base)
     training.describe(trainer)
     loader = source.train_loader(source_tok, seed=config.seed, num_batches=demo.pretrain.num_steps)
     pretrain_curve = training.fit(trainer, iter(loader), num_steps=demo.pretrain.num_steps,
                                   writer=writer, log_every=config.train.log_every_steps,
                                   stage='pretrain')
     base = trainer.model()
-    checkpoints.save_state(os.path.join(base_path, 'head'), nnx.state(base.head))
+    checkpoint.save_state(os.path.join(base_path, 'head'), nnx.state(base.head))
     # The encoder is written last: its metadata marks a complete base.
-    checkpoints.save_state(os.path.join(base_path, 'encoder'), checkpoints.base_state(base),
+    checkpoint.save_state(os.path.join(base_path, 'encoder'), checkpoint.base_state(base),
                            metadata={'fingerprint': key, 'curve': pretrain_curve,
                                      'dataset': demo.source})
     pretrained_now = True
   clock.lap('pretrain')
 
   # -- the base on source and target ---------------------------------------------------------
-  evaluator = evaluation.Evaluator('ctc', training.featurizer(config), mesh)
+  evaluator = scoring.Evaluator('ctc', featurizer(config), mesh)
   split = config.data.eval_split
   train_split = config.data.train_split
 
@@ -143,7 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   adapt_config = stage_config(config, demo.adapt, dataset=demo.target,
                               vocab_size=target_tok.vocab_size)
   adapt_config.base.path = os.path.join(base_path, 'encoder')
-  trainer, base_fingerprint = training.make_run_trainer(adapt_config, mesh)
+  trainer = trainer_lib.from_config(adapt_config, mesh)
   info = training.describe(trainer)
   loader = iter(target.train_loader(target_tok, seed=config.seed,
                                     num_batches=demo.adapt.num_steps))
@@ -153,9 +159,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # A run checkpoint like launch/train.py's: `launch/export.py --workdir=<workdir>/adapt`.
   adapt_dir = os.path.join(workdir, 'adapt', 'checkpoints')
   shutil.rmtree(adapt_dir, ignore_errors=True)  # this run's adaptation replaces the last one
-  run_checkpoints = checkpoints.RunCheckpointer(adapt_dir, keep=1, async_save=False)
+  run_checkpoints = checkpoint.RunCheckpointer(adapt_dir, keep=1, async_save=False)
   run_checkpoints.save(demo.adapt.num_steps, trainer.state, data_state=loader.get_state(),
-                       run_info=training.run_info(adapt_config, base_fingerprint))
+                       run_info=checkpoint.run_info(adapt_config, trainer.base_fingerprint))
   run_checkpoints.close()
   clock.lap('adapt')
 

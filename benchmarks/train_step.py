@@ -1,0 +1,118 @@
+"""Step time, model FLOP utilisation and memory of the real train step on the devices present.
+
+Usage (on an accelerator; one JSON line per method):
+  python benchmarks/train_step.py --preset=600m --methods=full,tpa,tpa_upper_half \
+      --per_device_batch=8 --seconds=30 --peak_tflops=989
+  python benchmarks/train_step.py --preset=tiny --seconds=2 --steps=2     # a CPU smoke run
+
+The trainer is the one `launch/train.py` builds (`trainer.from_config`, weights initialised from
+the seed, frozen weights stored in bf16), the batch holds `--per_device_batch` utterances of
+`--seconds` of random int16 audio per device with CTC labels, and log-mel features are computed
+inside the step. `model_flops` counts the matrix products and convolutions of one step without
+rematerialisation (every scanned layer counted); `mfu` is model_flops / step time / (devices x
+`--peak_tflops`). Memory: the compiled step's argument and temp bytes per device, and the
+device's peak bytes in use after the timed steps (where the backend reports it).
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from tpa_jax import config as config_lib
+from tpa_jax import sharding
+from tpa_jax.plan import costs, planner
+from tpa_jax.train import partition
+from tpa_jax.train import trainer as trainer_lib
+
+
+def method_config(preset: str, method: str):
+  if method == 'tpa_upper_half':
+    num_blocks = config_lib.MODEL_PRESETS[preset]['num_blocks']
+    config = config_lib.adapt_config(f'model={preset},method=tpa,blocks={num_blocks // 2}:')
+  else:
+    config = config_lib.adapt_config(f'model={preset},method={method}')
+  config.data.name = 'synthetic_speech/source'  # audio batches: features on device
+  config.train.frozen_dtype = 'bfloat16'
+  return config
+
+
+def random_batch(config, batch_size: int, seconds: float, seed: int = 0) -> dict:
+  """A batch of the shapes `planner.abstract_batch` gives, with random audio and labels."""
+  rng = np.random.default_rng(seed)
+  shapes = planner.abstract_batch(config, batch_size, seconds)
+  samples = shapes['audio'].shape[1]
+  labels = shapes['labels'].shape[1]
+  return {
+      'audio': rng.integers(-8000, 8000, (batch_size, samples), dtype=np.int16),
+      'audio_lengths': np.full((batch_size,), samples, np.int32),
+      'labels': rng.integers(1, config.head.vocab_size, (batch_size, labels), dtype=np.int32),
+      'label_mask': np.arange(labels)[None, :] < rng.integers(labels // 2, labels + 1,
+                                                              (batch_size, 1)),
+  }
+
+
+def measure(preset: str, method: str, args, mesh) -> dict:
+  config = method_config(preset, method)
+  batch_size = args.per_device_batch * mesh.size
+  batch = random_batch(config, batch_size, args.seconds)
+  start = time.perf_counter()
+  trainer = trainer_lib.from_config(config, mesh)
+  build_seconds = time.perf_counter() - start
+  global_batch = trainer.global_batch(batch)
+  start = time.perf_counter()
+  compiled = trainer.compile(global_batch)
+  compile_seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  # Model FLOPs: the same step without rematerialisation, counted on its jaxpr.
+  plain = method_config(preset, method)
+  plain.model.remat_policy = 'none'
+  shapes = trainer_lib.from_config(plain, mesh, abstract=True)
+  with jax.set_mesh(mesh):
+    flops = costs.jaxpr_flops(shapes.step_fn, shapes.state, shapes.frozen, shapes.rest,
+                              global_batch)
+  jax.block_until_ready(trainer.step(global_batch))  # warm-up
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    jax.block_until_ready(trainer.step(global_batch))
+    times.append(time.perf_counter() - start)
+  step_seconds = statistics.median(times)
+  stats = jax.devices()[0].memory_stats() or {}
+  return {
+      'method': method, 'preset': preset, 'backend': jax.default_backend(),
+      'device': jax.devices()[0].device_kind, 'devices': mesh.size,
+      'batch': f'{batch_size} x {args.seconds:g} s',
+      'trainable_params': partition.count_params(trainer.state.trainable),
+      'total_params': partition.count_params(trainer.state.trainable) +
+                      partition.count_params(trainer.frozen),
+      'build_seconds': round(build_seconds, 2), 'compile_seconds': round(compile_seconds, 2),
+      'step_seconds_median': step_seconds, 'step_seconds': [round(t, 4) for t in times],
+      'model_flops': flops,
+      'mfu': flops / step_seconds / (mesh.size * args.peak_tflops * 1e12),
+      'argument_bytes': int(memory.argument_size_in_bytes),
+      'temp_bytes': int(memory.temp_size_in_bytes),
+      'peak_bytes_in_use': stats.get('peak_bytes_in_use'),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--preset', default='600m', choices=sorted(config_lib.MODEL_PRESETS))
+  parser.add_argument('--methods', default='full,tpa,tpa_upper_half')
+  parser.add_argument('--per_device_batch', type=int, default=8)
+  parser.add_argument('--seconds', type=float, default=30.0)
+  parser.add_argument('--steps', type=int, default=5, help='timed steps per method')
+  parser.add_argument('--peak_tflops', type=float, default=989.0,
+                      help='dense bf16 TFLOP/s of one device (H100/H200 SXM: 989)')
+  args = parser.parse_args()
+  mesh = sharding.make_mesh(data=1, fsdp=-1)
+  for method in args.methods.split(','):
+    print(json.dumps(measure(args.preset, method, args, mesh)), flush=True)
+
+
+if __name__ == '__main__':
+  main()

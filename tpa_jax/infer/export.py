@@ -1,0 +1,207 @@
+"""Exports of a trained run: adapters as safetensors, and a self-contained serving bundle.
+
+Adapter export: the trained arrays (adapters and head) as flat named tensors, with the adapter
+spec (`tpa_jax.checkpoint.spec`: placement, resolved blocks, bottleneck, residual weight,
+activation, norm, init, head, base fingerprint) and the model config. `attach_adapters` puts
+them onto a model whose config and base have the same spec, and refuses any other.
+
+Serving bundle (a directory): `function.jaxexport`, the inference function features -> logits
+serialised with `jax.export` (batch and frame counts symbolic), `weights.safetensors` with every
+array it needs, and `manifest.json`. `tpa_jax/infer/serving_loader.py` loads and runs it with jax,
+numpy and safetensors alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from safetensors import numpy as safetensors_np
+from safetensors import safe_open
+
+from tpa_jax import checkpoint, sharding
+from tpa_jax.checkpoint import spec as spec_lib
+from tpa_jax.checkpoint.base import remove, swap_into_place
+from tpa_jax.errors import CheckpointError, SpecMismatchError
+from tpa_jax.nn.params import AdapterParam, HeadParam
+from tpa_jax.train import trainer as trainer_lib
+
+ADAPTER_FORMAT = 'tpa_jax.adapters/1'
+BUNDLE_FORMAT = 'tpa_jax.serving/1'
+
+
+def _name(path) -> str:
+  return '/'.join(str(k) for k in path)
+
+
+def flat_arrays(state: nnx.State) -> dict[str, np.ndarray]:
+  """'encoder/blocks/0/...': host array, for every variable of `state`."""
+  return {_name(path): np.asarray(jax.device_get(v[...]))
+          for path, v in nnx.to_flat_state(state)}
+
+
+def load_run(workdir: str, mesh: jax.sharding.Mesh | None = None):
+  """(config, model, trainable state, run info, step) of the newest committed checkpoint of the
+  run in `workdir`: the base rebuilt as the run built it, with the trained state restored, on
+  `mesh` (default: every device here on the data axis, whatever mesh trained the run)."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    raise CheckpointError(f'no checkpoints in {workdir} (looked for {directory})')
+  ckpt = checkpoint.RunCheckpointer(directory, async_save=False, read_only=True)
+  try:
+    if not ckpt.committed_steps():
+      raise CheckpointError(f'no committed checkpoint in {directory}')
+    config = ml_collections.ConfigDict(ckpt.newest_run_info()['config'])
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    trainer = trainer_lib.from_config(config, mesh)
+    current = spec_lib.from_config(config, trainer.base_fingerprint['id'])
+    step, trainer.state, _, info = ckpt.restore_latest(
+        trainer.state, check=lambda i: checkpoint.check_run(i, current, directory))
+  finally:
+    ckpt.close()
+  return config, trainer.model(), trainer.state.trainable, info, step
+
+
+def export_adapters(workdir: str, output: str, mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Writes the run's trained arrays to the safetensors file `output`, with the adapter spec
+  that attaching them checks; returns its metadata."""
+  config, _, trainable, info, step = load_run(workdir, mesh)
+  tensors = flat_arrays(trainable)
+  fingerprint = info['base_fingerprint']
+  spec = checkpoint.saved_spec(info)
+  metadata = {
+      'format': ADAPTER_FORMAT, 'step': str(step), 'spec': json.dumps(spec.to_json()),
+      'placement': config.adapter.placement, 'blocks': str(config.adapter.blocks),
+      'bottleneck': str(config.adapter.bottleneck), 'trainable': config.train.trainable,
+      'base_fingerprint': fingerprint['id'], 'base_weights_digest': fingerprint['weights'],
+      'adapter': json.dumps(config.adapter.to_dict()), 'head': json.dumps(config.head.to_dict()),
+      'model': json.dumps(fingerprint['config']),
+  }
+  _write_atomically(output, lambda path: safetensors_np.save_file(tensors, path, metadata))
+  return {**metadata, 'num_tensors': len(tensors), 'bytes': os.path.getsize(output)}
+
+
+def read_metadata(path: str) -> dict[str, str]:
+  """The metadata of an adapter export, without reading its arrays."""
+  if not os.path.isfile(path):
+    raise CheckpointError(f'no adapter export at {path}: pass a file written by '
+                          'launch/export.py --kind=adapter')
+  try:
+    with safe_open(path, framework='numpy') as f:
+      metadata = f.metadata() or {}
+  except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own types)
+    raise CheckpointError(f'{path} is not a safetensors file ({e})') from e
+  if metadata.get('format') != ADAPTER_FORMAT:
+    raise CheckpointError(f'{path} is not a tpa_jax adapter export (format '
+                          f'{metadata.get("format")!r}, expected {ADAPTER_FORMAT!r})')
+  return metadata
+
+
+def read_spec(path: str) -> spec_lib.AdapterSpec:
+  """The adapter spec recorded in an adapter export (derived from its adapter, head and model
+  fields for exports written before specs were recorded)."""
+  metadata = read_metadata(path)
+  if 'spec' in metadata:
+    return spec_lib.AdapterSpec.from_json(json.loads(metadata['spec']))
+  config = ml_collections.ConfigDict({
+      'adapter': json.loads(metadata['adapter']), 'head': json.loads(metadata['head']),
+      'model': {'num_blocks': json.loads(metadata['model'])['num_blocks']},
+      'train': {'trainable': metadata['trainable']}})
+  return spec_lib.from_config(config, metadata['base_fingerprint'])
+
+
+def read_adapters(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """(tensors, metadata) of an adapter export."""
+  metadata = read_metadata(path)
+  with safe_open(path, framework='numpy') as f:
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+  return tensors, metadata
+
+
+def attach_adapters(path: str, model: nnx.Module, spec: spec_lib.AdapterSpec) -> None:
+  """Sets `model`'s adapter and head arrays from an adapter export. Refuses, before reading any
+  array, an export whose spec differs from `spec` (this config's, over this base), and after,
+  an export that leaves an adapter or head variable of the model unset."""
+  spec_lib.check(read_spec(path), spec, what=path, saved_as='export')
+  tensors, _ = read_adapters(path)
+  by_name = {_name(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+  trained = {_name(p) for p, _ in nnx.to_flat_state(
+      nnx.state(model, nnx.Any(AdapterParam, HeadParam)))}
+  extra = sorted(set(tensors) - set(by_name))
+  unset = sorted(trained - set(tensors))
+  if extra or unset:
+    raise SpecMismatchError(
+        f'{path} does not fit this model: ' +
+        '; '.join(([f'arrays the model lacks: {extra[:5]}'] if extra else []) +
+                  ([f'adapter or head variables it leaves unset: {unset[:5]}'] if unset else []))
+        + '. Use the config the adapters were trained with.')
+  for name, array in tensors.items():
+    var = by_name[name]
+    if tuple(var[...].shape) != array.shape:
+      raise SpecMismatchError(f'{path}: {name} has shape {array.shape} in the export, '
+                              f'{tuple(var[...].shape)} in the model')
+  for name, array in tensors.items():
+    var = by_name[name]
+    var.set_value(jax.device_put(jnp.asarray(array, var[...].dtype), var[...].sharding))
+
+
+def export_serving(workdir: str, output: str,
+                   platforms: Sequence[str] = ('cpu', 'cuda', 'tpu'),
+                   mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Writes the serving bundle directory `output`, lowered for each of `platforms`; returns its
+  manifest."""
+  config, model, _, info, step = load_run(workdir, mesh)
+  graphdef, state = nnx.split(model)
+  weights = flat_arrays(state)
+
+  def serve(weights, features, mask):
+    flat = nnx.to_flat_state(state)
+    values = [(p, v.replace(weights[_name(p)])) for p, v in flat]
+    logits, out_mask = nnx.merge(graphdef, nnx.from_flat_state(values))(features, mask)
+    return logits.astype(jnp.float32), out_mask
+
+  # At least 16 frames: the symbolic output-frame count of the frontend is then >= 1.
+  b, t = jax.export.symbolic_shape('b, t', constraints=('t >= 16',))
+  input_dim = config.model.frontend.input_dim
+  args = ({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()},
+          jax.ShapeDtypeStruct((b, t, input_dim), jnp.float32),
+          jax.ShapeDtypeStruct((b, t), jnp.bool_))
+  exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(*args)
+  manifest = {
+      'format': BUNDLE_FORMAT, 'step': step, 'base_fingerprint': info['base_fingerprint']['id'],
+      'inputs': {'features': ['batch', 'frames', input_dim], 'mask': ['batch', 'frames']},
+      'min_frames': 16,
+      'outputs': {'logits': ['batch', 'out_frames', 'vocab'], 'mask': ['batch', 'out_frames']},
+      'head': config.head.to_dict(), 'features': config.features.to_dict(),
+      'platforms': list(exported.platforms),
+  }
+
+  def write(path):
+    os.makedirs(path)
+    with open(os.path.join(path, 'function.jaxexport'), 'wb') as f:
+      f.write(exported.serialize())
+    safetensors_np.save_file(weights, os.path.join(path, 'weights.safetensors'))
+    with open(os.path.join(path, 'manifest.json'), 'w') as f:
+      json.dump(manifest, f, indent=2)
+
+  _write_atomically(output, write)
+  sizes = {name: os.path.getsize(os.path.join(output, name)) for name in os.listdir(output)}
+  return {**manifest, 'bytes': sizes}
+
+
+def _write_atomically(output: str, write) -> None:
+  """`write(tmp)`, then the result replaces `output` only once it is complete: a failed export
+  never leaves half a file, nor loses the previous one."""
+  output = os.path.abspath(output)
+  if not os.path.isdir(os.path.dirname(output)):
+    raise CheckpointError(f'the folder of --output={output} does not exist')
+  tmp = output + '.partial'
+  remove(tmp)
+  write(tmp)
+  swap_into_place(tmp, output)
