@@ -4,6 +4,7 @@ Usage (on an accelerator; one JSON line per method):
   python benchmarks/train_step.py --preset=600m --methods=full,tpa,tpa_upper_half \
       --per_device_batch=8 --seconds=30 --peak_tflops=989
   python benchmarks/train_step.py --preset=tiny --seconds=2 --steps=2     # a CPU smoke run
+  python benchmarks/train_step.py --methods=tpa --set model.position=none  # an ablation
 
 The trainer is the one `launch/train.py` builds (`trainer.from_config`, weights initialised from
 the seed, frozen weights stored in bf16), the batch holds `--per_device_batch` utterances of
@@ -29,7 +30,7 @@ from tpa_jax.train import partition
 from tpa_jax.train import trainer as trainer_lib
 
 
-def method_config(preset: str, method: str):
+def method_config(preset: str, method: str, overrides: dict[str, str]):
   if method == 'tpa_upper_half':
     num_blocks = config_lib.MODEL_PRESETS[preset]['num_blocks']
     config = config_lib.adapt_config(f'model={preset},method=tpa,blocks={num_blocks // 2}:')
@@ -37,6 +38,12 @@ def method_config(preset: str, method: str):
     config = config_lib.adapt_config(f'model={preset},method={method}')
   config.data.name = 'synthetic_speech/source'  # audio batches: features on device
   config.train.frozen_dtype = 'bfloat16'
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == 'True'
   return config
 
 
@@ -56,7 +63,8 @@ def random_batch(config, batch_size: int, seconds: float, seed: int = 0) -> dict
 
 
 def measure(preset: str, method: str, args, mesh) -> dict:
-  config = method_config(preset, method)
+  overrides = dict(kv.split('=', 1) for kv in args.set)
+  config = method_config(preset, method, overrides)
   batch_size = args.per_device_batch * mesh.size
   batch = random_batch(config, batch_size, args.seconds)
   start = time.perf_counter()
@@ -68,7 +76,7 @@ def measure(preset: str, method: str, args, mesh) -> dict:
   compile_seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   # Model FLOPs: the same step without rematerialisation, counted on its jaxpr.
-  plain = method_config(preset, method)
+  plain = method_config(preset, method, overrides)
   plain.model.remat_policy = 'none'
   shapes = trainer_lib.from_config(plain, mesh, abstract=True)
   with jax.set_mesh(mesh):
@@ -83,7 +91,8 @@ def measure(preset: str, method: str, args, mesh) -> dict:
   step_seconds = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
   return {
-      'method': method, 'preset': preset, 'backend': jax.default_backend(),
+      'method': method, 'preset': preset, 'overrides': overrides,
+      'backend': jax.default_backend(),
       'device': jax.devices()[0].device_kind, 'devices': mesh.size,
       'batch': f'{batch_size} x {args.seconds:g} s',
       'trainable_params': partition.count_params(trainer.state.trainable),
@@ -106,6 +115,8 @@ def main():
   parser.add_argument('--per_device_batch', type=int, default=8)
   parser.add_argument('--seconds', type=float, default=30.0)
   parser.add_argument('--steps', type=int, default=5, help='timed steps per method')
+  parser.add_argument('--set', action='append', default=[],
+                      help='a config override, e.g. --set model.position=none (repeatable)')
   parser.add_argument('--peak_tflops', type=float, default=989.0,
                       help='dense bf16 TFLOP/s of one device (H100/H200 SXM: 989)')
   args = parser.parse_args()
