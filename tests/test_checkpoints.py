@@ -20,6 +20,7 @@ from tpa_jax import checkpoint
 from tpa_jax import sharding
 from tpa_jax.checkpoint import spec as spec_lib
 from tpa_jax.nn import build
+from tpa_jax.nn.params import AdapterParam, HeadParam
 from conftest import logged_steps, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +51,36 @@ def test_base_restores_into_another_mesh_without_gathering(tmp_path):
   # The fingerprint depends on the weights, not on how they are laid out.
   assert (checkpoint.weights_digest(checkpoint.base_state(saved))
           == checkpoint.weights_digest(after))
+
+
+@pytest.mark.parametrize('method', ['tpa', 'full'])
+def test_a_bf16_base_loads_in_bf16_without_initialising_it(method, tmp_path, mesh1):
+  """The trainer restores a bf16 base straight into bf16 frozen weights (bit-equal to what was
+  saved; trainable ones in float32 for full fine-tuning), initialises only adapters and head
+  (as the seed would), and fingerprints the base as stored."""
+  from tpa_jax.train import partition  # pylint: disable=import-outside-toplevel
+  from tpa_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  config = tiny_config(method)
+  saved = build.create_model(config, mesh1)
+  base = partition.cast(checkpoint.base_state(saved), jnp.bfloat16)
+  checkpoint.save_state(str(tmp_path / 'base'), base)
+  config.base.path = str(tmp_path / 'base')
+  config.seed = 7  # the base's weights must come from the checkpoint, not from this seed
+  trainer = trainer_lib.from_config(config, mesh1)
+  model = trainer.model()
+  for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(base)[0],
+                               jax.tree.leaves(checkpoint.base_state(model))):
+    got = np.asarray(got)
+    assert got.dtype == (np.float32 if method == 'full' else jnp.bfloat16), path
+    np.testing.assert_array_equal(got.astype(np.float32), np.asarray(want, np.float32),
+                                  err_msg=jax.tree_util.keystr(path))
+  if method == 'tpa':
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(trainer.frozen))
+    seeded = build.create_model(config, mesh1)  # adapters and head as seed 7 makes them
+    for a, b in zip(jax.tree.leaves(nnx.state(seeded, nnx.Any(AdapterParam, HeadParam))),
+                    jax.tree.leaves(nnx.state(model, nnx.Any(AdapterParam, HeadParam)))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert trainer.base_fingerprint['weights'] == checkpoint.weights_digest(base)
 
 
 # A process that saves a small base twice (values 1 then 2) and is killed with SIGKILL inside one

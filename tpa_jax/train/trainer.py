@@ -151,16 +151,16 @@ def _astype(x: jax.Array, dtype) -> jax.Array:
   return x.astype(dtype)  # (elementwise: the output keeps the input's sharding)
 
 
-def _cast_frozen(frozen: nnx.State, dtype) -> nnx.State:
-  """Floating frozen leaves in `dtype`: abstract leaves change their dtype; concrete ones are
-  cast one array at a time (only those stored in another dtype)."""
+def _cast_floating(state: nnx.State, dtype) -> nnx.State:
+  """Floating leaves in `dtype`: abstract leaves change their dtype; concrete ones are cast one
+  array at a time (only those held in another dtype)."""
   def cast(x):
     if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
       return x
     if isinstance(x, jax.ShapeDtypeStruct):
       return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
     return _astype(x, dtype)
-  return jax.tree.map(cast, frozen)
+  return jax.tree.map(cast, state)
 
 
 def create_trainer(model: SpeechModel, optimizer: optax.GradientTransformation,
@@ -184,9 +184,11 @@ def create_trainer(model: SpeechModel, optimizer: optax.GradientTransformation,
     opt_shape = jax.eval_shape(optimizer.init, trainable_state)
     opt_sh = tree_shardings(opt_shape, mesh)
   replicated = NamedSharding(mesh, P())
-  if frozen_dtype is not None:
-    with jax.set_mesh(mesh):
-      frozen = _cast_frozen(frozen, frozen_dtype)
+  with jax.set_mesh(mesh):
+    # Trainable state is float32 whatever the base is stored in (full fine-tuning of a bf16 base).
+    trainable_state = _cast_floating(trainable_state, jnp.float32)
+    if frozen_dtype is not None:
+      frozen = _cast_floating(frozen, frozen_dtype)
   if _abstract(trainable_state):
     trainable_state = _with_shardings(trainable_state, trainable_sh)
     frozen, rest = _with_shardings(frozen, frozen_sh), _with_shardings(rest, rest_sh)
@@ -226,14 +228,18 @@ def _initialise(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, mode
         compiler_options={'xla_backend_optimization_level': 0})()
 
 
+def abstract_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> SpeechModel:
+  """The model of `config` with every variable a ShapeDtypeStruct sharded on `mesh`."""
+  build.adapter_blocks(config)  # a named error for a bad adapter config before tracing
+  return nnx.merge(*sharding.abstract_model(
+      lambda: build.build_model(config, seed=config.seed), mesh))
+
+
 def load_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> SpeechModel:
   """The model of `config` on `mesh`: its encoder restored from `config.base.path` in the
   stored dtypes (adapters and head initialised), or everything initialised when there is no
   base. No host holds the whole model, and no frozen weight is initialised."""
-  build.adapter_blocks(config)  # a named error for a bad adapter config before tracing
-  graphdef, abstract = sharding.abstract_model(lambda: build.build_model(config, seed=config.seed),
-                                               mesh)
-  model = nnx.merge(graphdef, abstract)
+  model = abstract_model(config, mesh)
   if not config.base.path:
     nnx.update(model, _initialise(config, mesh, model, nnx.state))
     return model
@@ -258,11 +264,7 @@ def from_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
     featurizer = featurizer_lib.featurizer(config)
   fingerprint = None
   if abstract:
-    build.adapter_blocks(config)
-    with sharding.axis_rules(sharding.DEFAULT_RULES):
-      graphdef, shapes = sharding.abstract_model(
-          lambda: build.build_model(config, seed=config.seed), mesh)
-    model = nnx.merge(graphdef, shapes)
+    model = abstract_model(config, mesh)
   else:
     model = model if model is not None else load_model(config, mesh)
     fingerprint = checkpoint.base_fingerprint(config.model, model)
