@@ -282,5 +282,4 @@ def check_config(config: ml_collections.ConfigDict, *, mesh: bool = True) -> Non
   `mesh`) the mesh are built from shapes alone on one device."""
   if mesh:
     sharding.make_mesh(**config.mesh)  # does the mesh fit the devices?
-  from_config(config, sharding.make_mesh(devices=jax.devices()[:1]), abstract=True,
-              featurizer=featurizer_lib.featurizer(config))
+  from_config(config, sharding.make_mesh(devices=jax.devices()[:1]), abstract=True)
