@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from tpa_jax.checkpoint.fingerprint import base_state
-from tpa_jax.checkpoint.trees import abstract, named_leaves
+from tpa_jax.checkpoint.trees import abstract, named_leaves, nest
 from tpa_jax.errors import CheckpointError
 
 METADATA_FILE = 'tpa_jax.json'
@@ -154,16 +154,6 @@ def _stored_dtypes(path: str) -> dict:
   return jax.tree.map(lambda m: m.dtype, tree)
 
 
-def _nested(named: list[tuple[tuple[str, ...], object]]) -> dict:
-  out: dict = {}
-  for names, leaf in named:
-    node = out
-    for name in names[:-1]:
-      node = node.setdefault(name, {})
-    node[names[-1]] = leaf
-  return out
-
-
 def _groups(named: list, budget: int) -> list[list]:
   """Arrays packed largest first into groups of at most `budget` bytes (or one array)."""
   nbytes = lambda x: math.prod(x.shape) * np.dtype(x.dtype).itemsize  # noqa: E731
@@ -196,7 +186,7 @@ def restore_state(path: str, target: nnx.State, *, stored_dtype: bool = False) -
   largest = max((math.prod(t.shape) * np.dtype(t.dtype).itemsize for _, t in named), default=0)
   with ocp.PyTreeCheckpointer() as checkpointer:
     for group in _groups(named, max(largest, 64 * 2 ** 20)):
-      item = _nested(group)
+      item = nest(group)
       args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(
           sharding=t.sharding, global_shape=t.shape, dtype=t.dtype), item)
       restored.update(named_leaves(checkpointer.restore(path, args=ocp.args.PyTreeRestore(

@@ -18,16 +18,21 @@ def named_leaves(tree) -> list[tuple[tuple[str, ...], object]]:
   return [(tuple(_key_name(k) for k in path), leaf) for path, leaf in leaves]
 
 
-def to_nested(tree) -> dict:
-  """Any pytree (nnx.State, optax states, dataclasses) as nested dicts of its leaves keyed by
-  their path names: the structure orbax stores, independent of Python classes."""
+def nest(named: list[tuple[tuple[str, ...], object]]) -> dict:
+  """(path names, leaf) pairs as nested dicts (a leaf without a path is named 'value')."""
   out: dict = {}
-  for names, leaf in named_leaves(tree):
+  for names, leaf in named:
     node = out
     for name in names[:-1]:
       node = node.setdefault(name, {})
     node[names[-1] if names else 'value'] = leaf
   return out
+
+
+def to_nested(tree) -> dict:
+  """Any pytree (nnx.State, optax states, dataclasses) as nested dicts of its leaves keyed by
+  their path names: the structure orbax stores, independent of Python classes."""
+  return nest(named_leaves(tree))
 
 
 def from_nested(target, nested: dict):
