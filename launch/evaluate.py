@@ -37,8 +37,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints/, data, results).')
 _SPLIT = flags.DEFINE_string('split', '', 'Split to evaluate; default config.data.eval_split.')
-_HEAD = flags.DEFINE_string('head', '', 'Without a run checkpoint: the head saved with the '
-                            'base (checkpoint.save_state), evaluated on config.base.path.')
+_HEAD = flags.DEFINE_string('head', '', 'A head saved with the base (checkpoint.save_state), '
+                            'evaluated on config.base.path instead of a run checkpoint.')
 _ADAPTERS = flags.DEFINE_string('adapters', '', 'An adapter export (launch/export.py '
                                 '--kind=adapter) to evaluate over config.base.path; its spec '
                                 'must match the config.')

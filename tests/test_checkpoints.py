@@ -111,41 +111,60 @@ checkpoint.save_state(path, state(2.0), metadata={'value': 2})
 """
 
 
-@pytest.mark.parametrize('window,survivor', [('writing', 1.0), ('old_moved', 2.0),
-                                             ('new_in_place', 2.0)])
-def test_a_crash_while_replacing_a_base_leaves_a_complete_base(window, survivor, tmp_path,
+@pytest.mark.parametrize('window,survivor,meta', [
+    ('writing', 1.0, {'value': 1}), ('old_moved', 2.0, {'value': 2}),
+    ('new_in_place', 2.0, {'value': 2}),
+    # A first save whose arrays were written but not its metadata: the arrays are kept.
+    ('first_write', 2.0, None)])
+def test_a_crash_while_replacing_a_base_leaves_a_complete_base(window, survivor, meta, tmp_path,
                                                                 caplog):
   path = str(tmp_path / 'base')
   result = subprocess.run([sys.executable, '-c', _SAVE_AND_DIE, path, window], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
-  if window != 'new_in_place':
-    assert not os.path.exists(path) or window == 'writing'  # the window was really hit
-  with caplog.at_level('WARNING'):
-    meta = checkpoint.read_metadata(path)  # recovers
+  if window in ('old_moved', 'first_write'):
+    assert not os.path.exists(path)  # the window was really hit
+  # Reading the metadata reads the complete copy and moves nothing (configs read it before JAX
+  # starts, on every host).
+  listing = sorted(os.listdir(tmp_path))
+  assert checkpoint.read_metadata(path) == meta
+  assert sorted(os.listdir(tmp_path)) == listing
   target = nnx.State({'w': nnx.Param(jnp.zeros((64,), jnp.float32))})
-  restored = checkpoint.restore_state(path, target)
+  with caplog.at_level('WARNING'):
+    restored = checkpoint.restore_state(path, target)  # recovers
   np.testing.assert_array_equal(np.asarray(restored['w'][...]), survivor)
-  assert meta == {'value': int(survivor)}
-  assert json.load(open(path + '.json')) == meta  # the readable copy follows
-  assert sorted(os.listdir(tmp_path)) == ['base', 'base.json']  # nothing left over
+  assert checkpoint.read_metadata(path) == meta
+  if meta is not None:
+    assert json.load(open(path + '.json')) == meta  # the readable copy follows
+  assert sorted(os.listdir(tmp_path)) == (['base', 'base.json'] if meta else ['base'])
   assert any(f'checkpoint {path}:' in r.getMessage() for r in caplog.records), caplog.text
   # And the next save replaces it as usual.
   checkpoint.save_state(path, nnx.State({'w': nnx.Param(jnp.full((64,), 3.0))}))
   np.testing.assert_array_equal(np.asarray(checkpoint.restore_state(path, target)['w'][...]), 3.0)
 
 
-def test_a_base_whose_only_save_crashed_is_named_half_written(tmp_path):
+def test_a_base_whose_only_save_crashed_mid_write_is_named_half_written(tmp_path):
   path = str(tmp_path / 'base')
-  result = subprocess.run([sys.executable, '-c', _SAVE_AND_DIE, path, 'first_write'], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
-  assert os.path.isdir(path + '.saving')
+  # What a save killed while orbax wrote its arrays leaves: no commit marker, no metadata.
+  partial = tmp_path / 'base.saving.orbax-checkpoint-tmp-1'
+  partial.mkdir()
+  (partial / '_CHECKPOINT_METADATA').write_text('{')
   target = nnx.State({'w': nnx.Param(jnp.zeros((64,), jnp.float32))})
-  with pytest.raises(checkpoint.CheckpointError, match=r'no base checkpoint at .*removed the '
-                     r'half-written copy .*base.saving of an interrupted save'):
+  with pytest.raises(checkpoint.CheckpointError, match=r'no checkpoint at .*removed the '
+                     r'half-written copy .*base.saving.orbax-checkpoint-tmp-1 of an interrupted '
+                     r'save'):
     checkpoint.restore_state(path, target)
   assert os.listdir(tmp_path) == []
+
+
+def test_a_base_of_another_model_is_refused_by_name(tmp_path, mesh1):
+  checkpoint.save_state(str(tmp_path / 'base'),
+                        checkpoint.base_state(build.create_model(tiny_config('full'), mesh1)))
+  other = build.create_model(tiny_config('full', **{'model.ffn_dim': 48}), mesh1)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r'does not fit this model: .*ffn1/up/kernel: stored \(4, 32, 64\), '
+                           r'expected \(4, 32, 48\)'):
+    checkpoint.load_base(str(tmp_path / 'base'), other)
 
 
 def test_weights_digest_sees_one_changed_or_moved_value(mesh22):
@@ -474,3 +493,14 @@ def test_attaching_an_export_that_leaves_a_variable_unset_is_refused(exported, t
     export.attach_adapters(partial, model, saved)
   for name, array in export.flat_arrays(nnx.state(model)).items():  # nothing was set
     np.testing.assert_array_equal(array, before[name], err_msg=name)
+
+
+def test_an_export_never_replaces_a_directory_that_is_not_its_own(uninterrupted, tmp_path):
+  from tpa_jax.infer import export  # pylint: disable=import-outside-toplevel
+  (tmp_path / 'keep.txt').write_text('a run lives here')
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  with pytest.raises(checkpoint.CheckpointError, match='is a directory; pass a file path'):
+    export.export_adapters(str(uninterrupted), str(tmp_path), mesh)
+  with pytest.raises(checkpoint.CheckpointError, match='exists and is not a serving bundle'):
+    export.export_serving(str(uninterrupted), str(tmp_path), ('cpu',), mesh)
+  assert (tmp_path / 'keep.txt').read_text() == 'a run lives here'

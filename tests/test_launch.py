@@ -143,7 +143,7 @@ def test_evaluate_takes_an_adapter_export_over_its_base(tiny_run, tmp_path):
 @pytest.mark.parametrize('args,message', [
     (('--config.train.nmu_steps=3',), "config.train has no field 'nmu_steps'"),
     (('--config.adapter.placement=sideways',), "adapter.placement='sideways': accepted values"),
-    (('--config.base.path=/nonexistent/base',), 'no base checkpoint at /nonexistent/base'),
+    (('--config.base.path=/nonexistent/base',), 'no checkpoint at /nonexistent/base'),
     (('--workdir_is_a_file',), 'is a file, not a directory'),
 ])
 def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, args, message):

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -181,7 +182,8 @@ def program_mesh(config_mesh, override: str = '',
     return make_mesh(**parse_mesh(override, len(devices)), devices=devices)
   try:
     return make_mesh(**dict(config_mesh), devices=devices)
-  except ConfigError:
+  except ConfigError as e:
+    logging.info('%s; using all %d devices on the data axis instead', e, len(devices))
     return make_mesh(devices=devices)
 
 

@@ -57,22 +57,35 @@ def swap_into_place(new: str, path: str) -> None:
   remove(old)
 
 
+ORBAX_COMMIT = 'commit_success.txt'  # orbax's marker: every array of the copy is written
+
+
 def _complete(directory: str) -> bool:
   return os.path.isfile(os.path.join(directory, METADATA_FILE))
+
+
+def _arrays_complete(directory: str) -> bool:
+  return os.path.isfile(os.path.join(directory, ORBAX_COMMIT))
 
 
 def _recover_files(path: str) -> list[str]:
   """The file operations of `recover` (one process); returns what was done."""
   tmp, old, done = path + '.saving', path + '.old', []
-  if not os.path.exists(path) and os.path.isdir(old):
+  if not os.path.exists(path):
     if os.path.isdir(tmp) and _complete(tmp):
       os.replace(tmp, path)
       done.append(f'the save was interrupted after the new copy was complete: moved {tmp} into '
                   'place')
-    else:
+    elif os.path.isdir(old):
       os.replace(old, path)
       done.append(f'the save was interrupted before the new copy was complete: put the previous '
                   f'copy {old} back')
+    elif os.path.isdir(tmp) and _arrays_complete(tmp):
+      # No other copy: a first save interrupted before its metadata, or a replacement
+      # interrupted by an older tpa_jax (which deleted the old copy first). Keep the arrays.
+      os.replace(tmp, path)
+      done.append(f'the save was interrupted after its arrays were written but before its '
+                  f'metadata: moved {tmp} into place, without metadata')
   if os.path.isdir(old):
     shutil.rmtree(old)
     done.append(f'removed the replaced copy {old}')
@@ -122,13 +135,19 @@ def save_state(path: str, state: nnx.State, *, metadata: dict | None = None) -> 
 
 
 def read_metadata(path: str) -> dict | None:
-  """The metadata saved with the checkpoint at `path`, or None if there is no complete one."""
+  """The metadata saved with the checkpoint at `path`, or None if there is no complete one.
+  Reads files only (configs call it before JAX may start): after a crashed save it reads the
+  complete copy that the next load or save puts in place, and moves nothing."""
   path = os.path.abspath(path)
-  recover(path)
-  for candidate in (os.path.join(path, METADATA_FILE), path + '.json'):  # (older bases: beside)
-    if os.path.isdir(path) and os.path.isfile(candidate):
-      with open(candidate) as f:
+  for directory in (path, path + '.saving', path + '.old'):
+    if directory != path and os.path.isdir(path):
+      break
+    if os.path.isfile(os.path.join(directory, METADATA_FILE)):
+      with open(os.path.join(directory, METADATA_FILE)) as f:
         return json.load(f)
+  if os.path.isdir(path) and os.path.isfile(path + '.json'):  # bases written before: beside
+    with open(path + '.json') as f:
+      return json.load(f)
   return None
 
 
@@ -137,8 +156,9 @@ def _check_exists(path: str) -> str:
   done = recover(path)
   if not os.path.isdir(path):
     what = ('; ' + '; '.join(done)) if done else ''
-    raise CheckpointError(f'no base checkpoint at {path}{what}: pass --config.base.path=<a base '
-                          'written by launch/convert.py, make demo or checkpoint.save_state>')
+    raise CheckpointError(f'no checkpoint at {path}{what}: pass the path of a base (or head) '
+                          'written by launch/convert.py, make demo or checkpoint.save_state, e.g. '
+                          '--config.base.path=<base>')
   return path
 
 
@@ -148,10 +168,27 @@ def stored_dtypes(path: str) -> dict:
   return _stored_dtypes(_check_exists(path))
 
 
-def _stored_dtypes(path: str) -> dict:
+def _stored_metadata(path: str):
   with ocp.StandardCheckpointer() as checkpointer:
-    tree = checkpointer.metadata(path).item_metadata.tree
-  return jax.tree.map(lambda m: m.dtype, tree)
+    return checkpointer.metadata(path).item_metadata.tree
+
+
+def _stored_dtypes(path: str) -> dict:
+  return jax.tree.map(lambda m: m.dtype, _stored_metadata(path))
+
+
+def _check_fits(path: str, named: list, stored: dict) -> None:
+  """Names every array the target expects that the checkpoint lacks or holds in another shape
+  (a base of another model), before anything is read."""
+  missing = [n for n, _ in named if n not in stored]
+  shapes = [f"{'/'.join(n)}: stored {tuple(stored[n].shape)}, expected {tuple(t.shape)}"
+            for n, t in named if n in stored and tuple(stored[n].shape) != tuple(t.shape)]
+  if missing or shapes:
+    raise CheckpointError(
+        f'the checkpoint at {path} does not fit this model: ' + '; '.join(
+            ([f"{len(missing)} arrays missing, e.g. {['/'.join(n) for n in missing[:4]]}"]
+             if missing else []) + shapes[:4]) +
+        '. Use the model config it was saved with (a converted base records its own).')
 
 
 def _groups(named: list, budget: int) -> list[list]:
@@ -172,15 +209,16 @@ def restore_state(path: str, target: nnx.State, *, stored_dtype: bool = False) -
   arrays or ShapeDtypeStructs), in `target`'s dtypes or, with `stored_dtype`, in the dtypes the
   checkpoint holds. Each array is read straight into its shards.
 
-  Arrays are read a group at a time (the largest array, or 64 MB of smaller ones): reading all
-  at once keeps every array's read buffer alive beside its destination, and the process's peak
-  then grows by a large part of the base on top of the base itself."""
+  Arrays are read a group at a time (up to the larger of the largest array and 64 MB): reading
+  all at once keeps every array's read buffer alive beside its destination, and the process's
+  peak then grows by a large part of the base on top of the base itself."""
   path = _check_exists(path)
   named = named_leaves(abstract(nnx.to_pure_dict(target)))
+  # (Matched by path names: the checkpoint's metadata names list entries '0', '1', ...)
+  stored = dict(named_leaves(_stored_metadata(path)))
+  _check_fits(path, named, stored)
   if stored_dtype:
-    # (Matched by path names: the checkpoint's metadata names list entries '0', '1', ...)
-    dtypes = dict(named_leaves(_stored_dtypes(path)))
-    named = [(n, jax.ShapeDtypeStruct(t.shape, dtypes.get(n, t.dtype), sharding=t.sharding))
+    named = [(n, jax.ShapeDtypeStruct(t.shape, stored[n].dtype, sharding=t.sharding))
              for n, t in named]
   restored = {}
   largest = max((math.prod(t.shape) * np.dtype(t.dtype).itemsize for _, t in named), default=0)
@@ -192,8 +230,7 @@ def restore_state(path: str, target: nnx.State, *, stored_dtype: bool = False) -
       restored.update(named_leaves(checkpointer.restore(path, args=ocp.args.PyTreeRestore(
           item=item, restore_args=args, partial_restore=True))))
   state = jax.tree.map(lambda x: x, target)  # a copy with the same Variables
-  pure = nnx.to_pure_dict(state)
-  leaves, treedef = jax.tree.flatten(pure)
+  treedef = jax.tree.structure(nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, jax.tree.unflatten(treedef, [restored[n] for n, _ in named]))
   return state
 

@@ -22,6 +22,8 @@ def read_wav(path: str, sample_rate_hz: int) -> np.ndarray:
     with wave.open(path, 'rb') as f:
       width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
       data = f.readframes(f.getnframes())
+  except FileNotFoundError as e:
+    raise ValueError(f'{path}: no such file; pass a 16-bit PCM WAV file as --audio') from e
   except (wave.Error, EOFError) as e:
     raise ValueError(f'{path} is not a PCM WAV file ({e}); convert it first, e.g. '
                      f'`sox in.flac -b 16 -r {sample_rate_hz} out.wav`') from e

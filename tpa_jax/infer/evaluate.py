@@ -56,15 +56,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
              mesh: jax.sharding.Mesh | None = None, *, split: str = '', head_path: str = '',
              adapters_path: str = '') -> dict:
   """Evaluates on `split` (default `config.data.eval_split`), over the base of
-  `config.base.path`: the adapters exported to `adapters_path`; else the newest committed
-  checkpoint in `workdir/checkpoints`; else the head saved at `head_path`. Writes
+  `config.base.path`: the adapters exported to `adapters_path`; else the head saved at
+  `head_path`; else the newest committed checkpoint in `workdir/checkpoints`. Writes
   `workdir/eval_<split>.json` (process 0) and returns it. `mesh` defaults to
   `sharding.program_mesh`: the config's mesh if it fits the devices here, else all of them on
   the data axis."""
   split = split or config.data.eval_split
   mesh = mesh if mesh is not None else sharding.program_mesh(config.mesh)
   workdir = checkpoint.check_workdir(workdir)
-  reader = None if adapters_path else _run_reader(workdir)
+  reader = None if adapters_path or head_path else _run_reader(workdir)
   if not (adapters_path or reader is not None or head_path):
     raise CheckpointError(
         f'nothing to evaluate: {workdir}/checkpoints has no committed checkpoint and neither '

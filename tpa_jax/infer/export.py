@@ -29,7 +29,7 @@ from tpa_jax import checkpoint, sharding
 from tpa_jax.checkpoint import spec as spec_lib
 from tpa_jax.checkpoint.base import remove, swap_into_place
 from tpa_jax.errors import CheckpointError, SpecMismatchError
-from tpa_jax.nn.params import AdapterParam, HeadParam
+from tpa_jax.train import partition
 from tpa_jax.train import trainer as trainer_lib
 
 ADAPTER_FORMAT = 'tpa_jax.adapters/1'
@@ -107,13 +107,17 @@ def read_spec(path: str) -> spec_lib.AdapterSpec:
   """The adapter spec recorded in an adapter export (derived from its adapter, head and model
   fields for exports written before specs were recorded)."""
   metadata = read_metadata(path)
-  if 'spec' in metadata:
-    return spec_lib.AdapterSpec.from_json(json.loads(metadata['spec']))
-  config = ml_collections.ConfigDict({
-      'adapter': json.loads(metadata['adapter']), 'head': json.loads(metadata['head']),
-      'model': {'num_blocks': json.loads(metadata['model'])['num_blocks']},
-      'train': {'trainable': metadata['trainable']}})
-  return spec_lib.from_config(config, metadata['base_fingerprint'])
+  try:
+    if 'spec' in metadata:
+      return spec_lib.AdapterSpec.from_json(json.loads(metadata['spec']))
+    config = ml_collections.ConfigDict({
+        'adapter': json.loads(metadata['adapter']), 'head': json.loads(metadata['head']),
+        'model': {'num_blocks': json.loads(metadata['model'])['num_blocks']},
+        'train': {'trainable': metadata['trainable']}})
+    return spec_lib.from_config(config, metadata['base_fingerprint'])
+  except (ValueError, KeyError, TypeError) as e:  # (json.JSONDecodeError is a ValueError)
+    raise CheckpointError(f'{path} has unreadable adapter metadata ({type(e).__name__}: {e}); '
+                          're-export it with launch/export.py') from e
 
 
 def read_adapters(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -132,7 +136,7 @@ def attach_adapters(path: str, model: nnx.Module, spec: spec_lib.AdapterSpec) ->
   tensors, _ = read_adapters(path)
   by_name = {_name(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
   trained = {_name(p) for p, _ in nnx.to_flat_state(
-      nnx.state(model, nnx.Any(AdapterParam, HeadParam)))}
+      nnx.state(model, partition.trainable_filter(spec.trainable)))}
   extra = sorted(set(tensors) - set(by_name))
   unset = sorted(trained - set(tensors))
   if extra or unset:
@@ -190,17 +194,25 @@ def export_serving(workdir: str, output: str,
     with open(os.path.join(path, 'manifest.json'), 'w') as f:
       json.dump(manifest, f, indent=2)
 
-  _write_atomically(output, write)
+  _write_atomically(output, write, bundle=True)
   sizes = {name: os.path.getsize(os.path.join(output, name)) for name in os.listdir(output)}
   return {**manifest, 'bytes': sizes}
 
 
-def _write_atomically(output: str, write) -> None:
+def _write_atomically(output: str, write, *, bundle: bool = False) -> None:
   """`write(tmp)`, then the result replaces `output` only once it is complete: a failed export
-  never leaves half a file, nor loses the previous one."""
+  never leaves half a file, nor loses the previous one. Only an earlier export of the same
+  kind is replaced (a file, or a serving bundle directory), never another directory."""
   output = os.path.abspath(output)
   if not os.path.isdir(os.path.dirname(output)):
     raise CheckpointError(f'the folder of --output={output} does not exist')
+  if bundle and os.path.exists(output) and not os.path.isfile(
+      os.path.join(output, 'manifest.json')):
+    raise CheckpointError(f'--output={output} exists and is not a serving bundle; pass a new '
+                          'path (only an earlier bundle is replaced)')
+  if not bundle and os.path.isdir(output):
+    raise CheckpointError(f'--output={output} is a directory; pass a file path such as '
+                          f'{os.path.join(output, "adapters.safetensors")}')
   tmp = output + '.partial'
   remove(tmp)
   write(tmp)

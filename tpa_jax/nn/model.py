@@ -57,7 +57,9 @@ class SpeechModel(nnx.Module):
     return self.head(x, mask), mask
 
   def __call__(self, features_btf: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return self.suffix(*self.prefix(features_btf, mask_bt, None), None)
+    """Logits and their mask. For inference: block weights are read in place (differentiating
+    this call through the blocks is correct, but slower than the train step's split)."""
+    return self.suffix(*self.prefix(features_btf, mask_bt, None), None, blocks_frozen=True)
 
   @staticmethod
   def blocks_train(trainable: nnx.State) -> bool:

@@ -68,7 +68,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError):
     spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-    if spec is None:
+    if spec is None and 'config' in flags.FLAGS:  # the program's default config file
+      spec = flags.FLAGS['config'].default_unparsed
+    if not spec:
       raise
     try:  # load the config file again to name the field and the accepted ones
       config_lib.check_overrides(config_lib.load_config_file(spec), argv)

@@ -19,6 +19,8 @@ import os
 import jax
 from absl import flags, logging
 
+from tpa_jax.errors import ConfigError
+
 # Google's PCI vendor id, and the device ids of TPU chips (v3 .. TPU7x) under it. The vendor
 # also makes the gVNIC network card, so the device id (or the accelerator class) must match too.
 _GOOGLE_PCI_VENDOR = '0x1ae0'
@@ -77,16 +79,16 @@ def initialize_args(coordinator_address: str | None = None, num_processes: int |
     return {} if tpu_chips(sysfs) else None
   missing = [f'--{k}' for k, v in given.items() if v is None]
   if missing:
-    raise ValueError(f'several processes need --coordinator_address, --num_processes and '
+    raise ConfigError(f'several processes need --coordinator_address, --num_processes and '
                      f'--process_id together; missing: {", ".join(missing)}')
   host, _, port = coordinator_address.rpartition(':')
   if not host or not port.isdigit() or not 0 < int(port) < 65536:
-    raise ValueError(f'--coordinator_address={coordinator_address!r}: expected host:port with '
+    raise ConfigError(f'--coordinator_address={coordinator_address!r}: expected host:port with '
                      'a port in 1..65535, e.g. 10.0.0.2:1234 or localhost:1234')
   if num_processes < 1:
-    raise ValueError(f'--num_processes={num_processes}: expected a positive integer')
+    raise ConfigError(f'--num_processes={num_processes}: expected a positive integer')
   if not 0 <= process_id < num_processes:
-    raise ValueError(f'--process_id={process_id}: expected 0 .. {num_processes - 1} '
+    raise ConfigError(f'--process_id={process_id}: expected 0 .. {num_processes - 1} '
                      f'(--num_processes={num_processes})')
   return given
 

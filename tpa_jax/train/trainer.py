@@ -80,7 +80,7 @@ class Trainer:
         raise KeyError(f'a batch needs {key!r} (or {INPUT_KEYS[1]} for audio); it has '
                        f'{sorted(batch)}')
     if keys[0] == 'audio' and self.featurizer is None:
-      raise ValueError('an audio batch needs a trainer with a featurizer (config.features)')
+      raise ConfigError('an audio batch needs a trainer with a featurizer (config.features)')
     losses.check_labels(self.task, batch)
     data_ways = self.mesh.shape['data'] * self.mesh.shape['fsdp']
     rows = batch[keys[0]]
@@ -92,12 +92,12 @@ class Trainer:
     if self.grad_accum_steps > 1:
       multiple = self.grad_accum_steps * data_ways
       if size % multiple:
-        raise ValueError(
+        raise ConfigError(
             f'batch size {size} is not divisible by train.grad_accum_steps x the data-parallel '
             f'mesh axes data x fsdp = {self.grad_accum_steps} x {data_ways} = {multiple}; use a '
             f'multiple of {multiple}')
     elif size % data_ways:
-      raise ValueError(f'batch size {size} is not divisible by the data-parallel mesh axes '
+      raise ConfigError(f'batch size {size} is not divisible by the data-parallel mesh axes '
                        f'data x fsdp = {data_ways}; use a multiple of {data_ways}')
 
   def lower(self, batch: dict[str, Any]):
