@@ -29,13 +29,6 @@ from tpa_jax.train import partition  # noqa: E402
 from tpa_jax.train import trainer as trainer_lib  # noqa: E402
 
 
-def method_config(preset: str, method: str):
-  if method == 'tpa_upper_half':
-    num_blocks = config_lib.MODEL_PRESETS[preset]['num_blocks']
-    return config_lib.adapt_config(f'model={preset},method=tpa,blocks={num_blocks // 2}:')
-  return config_lib.adapt_config(f'model={preset},method={method}')
-
-
 def make_trainer(config, mesh):
   """The trainer launch/train.py builds, with frozen weights stored in bf16."""
   config.train.frozen_dtype = 'bfloat16'
@@ -43,11 +36,11 @@ def make_trainer(config, mesh):
 
 
 def measure(preset: str, method: str, batch: dict, steps: int, mesh) -> dict:
-  config = method_config(preset, method)
+  config = costs.method_config(preset, method)
   trainer = make_trainer(config, mesh)
   compiled = trainer.lower(batch).compile()
   memory = compiled.memory_analysis()
-  unrolled_config = method_config(preset, method)
+  unrolled_config = costs.method_config(preset, method)
   unrolled_config.model.scan_layers = False
   flops = costs.lowered_flops(make_trainer(unrolled_config, mesh).lower(batch))
   state_bytes = costs.weight_state_bytes(trainer)
@@ -79,7 +72,7 @@ def main():
   parser.add_argument('--methods', default='full,tpa,tpa_upper_half,block_sequential')
   args = parser.parse_args()
 
-  config = method_config(args.preset, 'full')
+  config = costs.method_config(args.preset, 'full')
   batch = random_task.ctc_batch(np.random.default_rng(0), batch_size=args.batch_size,
                               num_frames=args.frames, input_dim=config.model.frontend.input_dim,
                               vocab_size=config.head.vocab_size, num_labels=32,

@@ -31,11 +31,7 @@ from tpa_jax.train import trainer as trainer_lib
 
 
 def method_config(preset: str, method: str, overrides: dict[str, str]):
-  if method == 'tpa_upper_half':
-    num_blocks = config_lib.MODEL_PRESETS[preset]['num_blocks']
-    config = config_lib.adapt_config(f'model={preset},method=tpa,blocks={num_blocks // 2}:')
-  else:
-    config = config_lib.adapt_config(f'model={preset},method={method}')
+  config = costs.method_config(preset, method)
   config.data.name = 'synthetic_speech/source'  # audio batches: features on device
   config.train.frozen_dtype = 'bfloat16'
   for key, value in overrides.items():

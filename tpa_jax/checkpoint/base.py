@@ -87,7 +87,7 @@ def _recover_files(path: str) -> list[str]:
       done.append(f'the save was interrupted after its arrays were written but before its '
                   f'metadata: moved {tmp} into place, without metadata')
   if os.path.isdir(old):
-    shutil.rmtree(old)
+    remove(old)
     done.append(f'removed the replaced copy {old}')
   for partial in sorted(glob.glob(glob.escape(tmp) + '*')):
     remove(partial)

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from tpa_jax import config as config_lib
 from tpa_jax import sharding
 from tpa_jax.nn import build
 from tpa_jax.train.trainer import Trainer
@@ -97,3 +98,12 @@ def _jaxpr_flops(jaxpr) -> float:
     else:
       total += sum(inner) * eqn.params.get('length', 1)  # scan: its body `length` times
   return total
+
+
+def method_config(preset: str, method: str) -> ml_collections.ConfigDict:
+  """The config of `preset` adapted by `method` (a key of config.METHODS, or 'tpa_upper_half':
+  TPA on the upper half of the blocks), as the cost benchmarks compare them."""
+  if method == 'tpa_upper_half':
+    num_blocks = config_lib.MODEL_PRESETS[preset]['num_blocks']
+    return config_lib.adapt_config(f'model={preset},method=tpa,blocks={num_blocks // 2}:')
+  return config_lib.adapt_config(f'model={preset},method={method}')
