@@ -33,22 +33,30 @@ class AdapterSpec:
   head_kind: str
   head_size: int
   base_fingerprint: str
+  # LoRA (placement 'lora'; None otherwise). Records older than LoRA lack them: None.
+  lora_alpha: float | None = None
+  lora_targets: tuple[str, ...] | None = None
 
   def to_json(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
-    if self.blocks is not None:
-      out['blocks'] = list(self.blocks)
+    for key in ('blocks', 'lora_targets'):
+      if out[key] is not None:
+        out[key] = list(out[key])
     return out
 
   @classmethod
   def from_json(cls, value: dict[str, Any]) -> 'AdapterSpec':
     fields = {f.name for f in dataclasses.fields(cls)}
-    missing = sorted(fields - set(value))
+    optional = {f.name for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}
+    missing = sorted(fields - optional - set(value))
     if missing:
       raise ValueError(f'an adapter spec lacks {missing}')
-    value = {k: value[k] for k in fields}
+    value = {k: value[k] for k in fields if k in value}
     if value['blocks'] is not None:
       value['blocks'] = tuple(int(b) for b in value['blocks'])
+    if value.get('lora_targets') is not None:
+      value['lora_targets'] = tuple(value['lora_targets'])
     return cls(**value)
 
 
@@ -59,6 +67,7 @@ CONFIG_FIELDS = {
     'activation': 'adapter.activation', 'use_norm': 'adapter.use_norm',
     'up_init': 'adapter.up_init', 'trainable': 'train.trainable', 'head_kind': 'head.kind',
     'head_size': 'head.vocab_size', 'base_fingerprint': 'base.path',
+    'lora_alpha': 'adapter.lora_alpha', 'lora_targets': 'adapter.lora_targets',
 }
 
 
@@ -72,6 +81,12 @@ def from_config(config: ml_collections.ConfigDict, base_fingerprint: str) -> Ada
   if a.placement == 'none':
     adapter = dict(blocks=None, bottleneck=None, residual_weight=None, activation=None,
                    use_norm=None, up_init=None)
+  elif a.placement == 'lora':
+    from tpa_jax.nn import lora  # pylint: disable=import-outside-toplevel
+    adapter = dict(blocks=adapters.parse_blocks(a.blocks, config.model.num_blocks),
+                   bottleneck=int(a.bottleneck), residual_weight=None, activation=None,
+                   use_norm=None, up_init=None, lora_alpha=float(a.lora_alpha),
+                   lora_targets=lora.parse_targets(a.lora_targets))
   else:
     adapter = dict(blocks=adapters.parse_blocks(a.blocks, config.model.num_blocks),
                    bottleneck=int(a.bottleneck), residual_weight=float(a.residual_weight),
@@ -89,8 +104,8 @@ def _override(field: str, saved: AdapterSpec) -> str:
     return f'--config.base.path=<the base with fingerprint {value}>'
   if field == 'head_size' and saved.head_kind == 'classification':
     return f'--config.head.num_classes={value}'
-  if field == 'blocks':
-    return f"--config.adapter.blocks={','.join(str(b) for b in value)}"
+  if field in ('blocks', 'lora_targets'):
+    return f"--config.{CONFIG_FIELDS[field]}={','.join(str(b) for b in value)}"
   return f'--config.{CONFIG_FIELDS[field]}={value}'
 
 

@@ -97,11 +97,12 @@ def adapter_fields() -> ml_collections.ConfigDict:
   """Residual adapters: placement, adapted blocks, bottleneck, residual weight, norm, inits."""
   a = ml_collections.ConfigDict()
   # Where adapters sit: 'ff_parallel' (TPA), 'ff_sequential', 'block_parallel',
-  # 'block_sequential', 'mhsa_parallel', 'conv_parallel', or 'none'.
+  # 'block_sequential', 'mhsa_parallel', 'conv_parallel', 'lora' (low-rank updates of the
+  # block's projections, tpa_jax/nn/lora.py), or 'none'.
   a.placement = 'ff_parallel'
   # Blocks that carry adapters: 'all', a slice such as '4:8', or indices such as '0,3,5'.
   a.blocks = 'all'
-  # Bottleneck dimension r of each adapter.
+  # Bottleneck dimension r of each adapter (lora: the rank of each update).
   a.bottleneck = 64
   # Weight of the adapter output in its residual.
   a.residual_weight = 1.0
@@ -111,6 +112,10 @@ def adapter_fields() -> ml_collections.ConfigDict:
   a.activation = 'relu'
   # Init of the up projection: 'zeros' (the adapted model equals the base at step 0) or 'normal'.
   a.up_init = 'zeros'
+  # lora: updates are scaled by lora_alpha / rank; the projections they adapt: q, k, v, out,
+  # ffn1_up, ffn1_down, ffn2_up, ffn2_down, or the groups attention, ffn1, ffn2.
+  a.lora_alpha = 8.0
+  a.lora_targets = 'q,k,v,out,ffn1,ffn2'
   return a
 
 
@@ -143,6 +148,12 @@ def train_fields() -> ml_collections.ConfigDict:
   t.grad_accum_steps = 1
   # Log metrics every this many steps.
   t.log_every_steps = 10
+  # Score data.validation_split every this many steps and at the last (0: never), keep the best
+  # step's state in <workdir>/best, and score data.eval_split once, with that state.
+  t.eval_every_steps = 0
+  # Decoding of those validation scores: 'greedy' (best path: cheap, the default) or 'config'
+  # (the decoding section's, e.g. the lexicon decoder).
+  t.validation_decoding = 'greedy'
   return t
 
 
@@ -212,6 +223,8 @@ def data_fields() -> ml_collections.ConfigDict:
   # Splits to train and to evaluate on.
   d.train_split = 'train'
   d.eval_split = 'test'
+  # Split scored during training (train.eval_every_steps) to choose the best step.
+  d.validation_split = 'validation'
   # Length buckets: upper bounds in seconds; longer utterances are skipped (and counted).
   d.bucket_seconds = (4.0, 8.0, 16.0)
   # Seconds of audio per global batch (batch size of a bucket = this / its length).
@@ -282,4 +295,6 @@ def tokenizer_fields() -> ml_collections.ConfigDict:
   # sentencepiece: vocabulary size (including the blank) and model type ('unigram' or 'bpe').
   tk.vocab_size = 256
   tk.model_type = 'unigram'
+  # Where tokenizers are cached ('': <workdir>/tokenizers); runs that share one point here.
+  tk.dir = ''
   return tk

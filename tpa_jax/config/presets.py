@@ -64,6 +64,7 @@ METHODS = {
     'block_sequential': dict(placement='block_sequential', trainable='adapters'),
     'mhsa_parallel': dict(placement='mhsa_parallel', trainable='adapters'),
     'conv_parallel': dict(placement='conv_parallel', trainable='adapters'),
+    'lora': dict(placement='lora', trainable='adapters'),
 }
 
 

@@ -244,7 +244,8 @@ def open_for_config(config: ml_collections.ConfigDict, workdir: str, mesh: jax.s
   tokenizer = None
   with config.unlocked():
     if config.head.kind == 'ctc':
-      tokenizer = data.tokenizer(config.tokenizer, os.path.join(workdir, 'tokenizers'))
+      tokenizer = data.tokenizer(config.tokenizer,
+                                 config.tokenizer.get('dir') or os.path.join(workdir, 'tokenizers'))
       config.head.vocab_size = tokenizer.vocab_size
     else:
       config.head.num_classes = data.num_classes

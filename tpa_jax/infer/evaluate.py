@@ -32,7 +32,7 @@ def evaluate_speech(config: ml_collections.ConfigDict, model: nnx.Module,
                     featurizer: Featurizer | None, mesh: jax.sharding.Mesh, data, tokenizer,
                     split: str) -> dict:
   """WER/CER (CTC, with `config.decoding`) or accuracy of `model` on `split` of `data`."""
-  evaluator = scoring.Evaluator(config.head.kind, featurizer, mesh)
+  evaluator = scoring.evaluator(config.head.kind, featurizer, mesh)
   decoder = None
   if config.head.kind == 'ctc':
     decoder = decoding.make_decoder(config.decoding, tokenizer,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Sequence
 
 import jax
@@ -29,6 +30,12 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[st
           'cer': float(jiwer.cer(list(references), hypotheses))}
 
 
+@functools.lru_cache(maxsize=16)
+def evaluator(task: str, featurizer: Featurizer | None, mesh: jax.sharding.Mesh) -> 'Evaluator':
+  """A shared Evaluator: evaluations every few steps reuse its compiled forward passes."""
+  return Evaluator(task, featurizer, mesh)
+
+
 class Evaluator:
   """Runs a model over evaluation batches under one jitted forward pass per bucket shape."""
 
@@ -51,7 +58,8 @@ class Evaluator:
 
   def predictions(self, model: nnx.Module, batches: Iterable[tuple[dict, list]]):
     """(outputs, output mask, references) per batch, padded rows removed. Outputs are class ids
-    [B] for classification and log-probabilities [B, T, V] for CTC."""
+    [B] for classification and log-probabilities [B, T, V] for CTC; references are the class
+    ids for classification, else the transcripts (or, without them, the label tokens)."""
     graphdef, state = nnx.split(model)
     for batch, refs in batches:
       n = int(batch['weight'].sum())
@@ -64,7 +72,9 @@ class Evaluator:
                   for k, v in batch.items()}
         outputs, mask = self._predict(graphdef, state, arrays)
       outputs, mask = jax.device_get((outputs, mask))
-      yield outputs[:n], mask[:n], (refs[:n] if refs is not None else batch['labels'][:n])
+      # Speech batches carry transcripts beside the labels; classification scores the labels.
+      use_labels = refs is None or self.task == 'classification'
+      yield outputs[:n], mask[:n], (batch['labels'][:n] if use_labels else refs[:n])
 
   def evaluate(self, model: nnx.Module, batches, tokenizer=None, *, decoder=None,
                num_examples: int = 3) -> dict:

@@ -30,9 +30,15 @@ ACTIVATIONS = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 'swish': jax.nn.silu}
 UP_INITS = ('zeros', 'normal')
 
 
+# Placements whose weights are not residual adapters: low-rank updates of the block's own
+# projections (tpa_jax/nn/lora.py).
+OTHER_PLACEMENTS = ('lora',)
+
+
 def check_placement(placement: str) -> str:
-  if placement not in PLACEMENTS:
-    raise ConfigError(f'adapter.placement={placement!r}: accepted values are {tuple(PLACEMENTS)}')
+  if placement not in PLACEMENTS and placement not in OTHER_PLACEMENTS:
+    raise ConfigError(f'adapter.placement={placement!r}: accepted values are '
+                     f'{tuple(PLACEMENTS) + OTHER_PLACEMENTS}')
   return placement
 
 
@@ -120,3 +126,21 @@ class BlockAdapters(nnx.Module):
   def __call__(self, slot: str, x_btd: jax.Array) -> jax.Array:
     """The weighted adapter output for `slot`, to be added to a residual stream."""
     return self.residual_weight * self.slots[slot](x_btd)
+
+
+def without_blocks(model: nnx.Module, blocks: Sequence[int]) -> nnx.Module:
+  """`model` with the adapters of `blocks` removed, without retraining: their output
+  projections are zeroed (residual adapters: W_up and b_up; LoRA: B), which makes their
+  contribution exactly zero, as if they were never attached. Returns a copy."""
+  model = nnx.clone(model)
+  encoder = model.encoder
+  removed = [encoder.adapter_blocks.index(b) for b in blocks if b in encoder.adapter_blocks]
+  if not removed:
+    return model
+  rows = jnp.asarray(removed)
+  for path, variable in nnx.iter_graph(encoder.adapters):
+    names = [str(p) for p in path]
+    last_module = names[-2] if len(names) >= 2 else ''
+    if isinstance(variable, AdapterParam) and last_module in ('up', 'b'):
+      variable[...] = variable[...].at[rows].set(0)
+  return model

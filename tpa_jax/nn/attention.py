@@ -11,7 +11,7 @@ from flax import nnx
 
 from tpa_jax import sharding
 from tpa_jax.errors import ConfigError
-from tpa_jax.nn.layers import Dense, LayerNorm
+from tpa_jax.nn.layers import Dense, LayerNorm, adapted
 
 POSITION_SCHEMES = ('relative_key', 'rel_pos', 'none')
 _MASKED = -1e30  # scores are float32, so this stays finite and exp() underflows to exactly 0
@@ -126,9 +126,12 @@ class SelfAttention(nnx.Module):
     d_tt = jnp.arange(t)[None, :] - jnp.arange(t)[:, None]
     return jnp.take_along_axis(qe_bhtp, column(d_tt)[None, None], axis=-1)
 
-  def __call__(self, x_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
+  def __call__(self, x_btd: jax.Array, mask_bt: jax.Array, lora=None) -> jax.Array:
+    """`lora`: the block's LoRA updates (tpa_jax/nn/lora.py), added to their projections."""
     h_btd = self.norm(x_btd)
-    q_bthk, k_bthk, v_bthk = self.query(h_btd), self.key(h_btd), self.value(h_btd)
+    q_bthk, k_bthk, v_bthk = (adapted(self.query, h_btd, lora, 'q'),
+                              adapted(self.key, h_btd, lora, 'k'),
+                              adapted(self.value, h_btd, lora, 'v'))
     q_bthk, k_bthk, v_bthk = (sharding.constrain(a, ('batch', 'time', 'heads', 'kv'))
                               for a in (q_bthk, k_bthk, v_bthk))
     q_content = q_bthk
@@ -144,4 +147,4 @@ class SelfAttention(nnx.Module):
     scores_bhts = jnp.where(mask_bt[:, None, None, :], scores_bhts, _MASKED)
     probs_bhts = jax.nn.softmax(scores_bhts, axis=-1).astype(self.dtype)
     ctx_bthk = jnp.einsum('bhts,bshk->bthk', probs_bhts, v_bthk)
-    return self.out(ctx_bthk)
+    return adapted(self.out, ctx_bthk, lora, 'out')

@@ -12,6 +12,8 @@ from flax import nnx
 from tpa_jax import sharding
 from tpa_jax.errors import ConfigError
 from tpa_jax.nn import adapters as adapters_lib
+from tpa_jax.nn import lora as lora_lib
+from tpa_jax.nn.lora import BlockLoRA
 from tpa_jax.nn.conformer import ConformerBlock, ConformerEncoder
 from tpa_jax.nn.frontend import (FRONTENDS, Conv2dSubsampling, DepthwiseStridingSubsampling,
                                   StackedFrames)
@@ -71,7 +73,11 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int) -> SpeechModel:
       eps=m.norm_eps, **kw)
   blocks = adapter_blocks(config)
   make_adapters = None
-  if blocks:
+  if blocks and a.placement == 'lora':
+    make_adapters = functools.partial(
+        BlockLoRA, m.dim, m.num_heads, m.ffn_dim, rank=a.bottleneck, alpha=a.lora_alpha,
+        targets=lora_lib.parse_targets(a.lora_targets), dtype=kw['dtype'])
+  elif blocks:
     # Adapter weights are created in float32 whatever the base's parameter dtype.
     make_adapters = functools.partial(
         adapters_lib.BlockAdapters, a.placement, m.dim, a.bottleneck,

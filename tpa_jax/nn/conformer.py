@@ -20,6 +20,7 @@ from tpa_jax.nn.adapters import BlockAdapters
 from tpa_jax.nn.attention import SelfAttention
 from tpa_jax.nn.convolution import ConvModule
 from tpa_jax.nn.layers import FeedForward, LayerNorm
+from tpa_jax.nn.lora import BlockLoRA
 
 REMAT_POLICIES = {
     'none': None,
@@ -52,7 +53,7 @@ class ConformerBlock(nnx.Module):
 
   def _ffn(self, ffn: FeedForward, slot: str, x: jax.Array,
            adapters: BlockAdapters | None) -> jax.Array:
-    y = ffn(x)
+    y = ffn(x, adapters, slot)
     if adapters is not None and adapters.placement == 'ff_parallel':
       y = y + adapters(slot, x)  # TPA: x + ½(FFN(x) + A(x))
     elif adapters is not None and adapters.placement == 'ff_sequential':
@@ -60,11 +61,12 @@ class ConformerBlock(nnx.Module):
     return x + FFN_RESIDUAL_WEIGHT * y
 
   def __call__(self, x_btd: jax.Array, mask_bt: jax.Array,
-               adapters: BlockAdapters | None = None) -> jax.Array:
+               adapters: BlockAdapters | BlockLoRA | None = None) -> jax.Array:
+    """`adapters`: the block's residual adapters, or its LoRA updates (placement 'lora')."""
     placement = adapters.placement if adapters is not None else None
     x_in = x_btd
     x = self._ffn(self.ffn1, 'ffn1', x_btd, adapters)
-    y = self.attention(x, mask_bt)
+    y = self.attention(x, mask_bt, adapters)
     if placement == 'mhsa_parallel':
       y = y + adapters('mhsa', x)
     x = x + y

@@ -75,6 +75,17 @@ class Dense(nnx.Module):
     return y
 
 
+def adapted(projection: Dense, x: jax.Array, lora, target: str) -> jax.Array:
+  """projection(x), plus the LoRA update of `target` when the block's `lora` carries one
+  (`lora` is a BlockLoRA of tpa_jax/nn/lora.py, or None)."""
+  y = projection(x)
+  if lora is not None and getattr(lora, 'placement', None) == 'lora':
+    update = lora(target, x)
+    if update is not None:
+      y = y + update.astype(y.dtype)
+  return y
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm over the last axis, statistics in float32."""
 
@@ -129,8 +140,10 @@ class FeedForward(nnx.Module):
     self.up = Dense(dim, hidden, axes=('embed', 'mlp'), use_bias=use_bias, **kw)
     self.down = Dense(hidden, dim, axes=('mlp', 'embed'), use_bias=use_bias, **kw)
 
-  def __call__(self, x_btd: jax.Array) -> jax.Array:
-    h_btf = ACTIVATIONS[self.activation](self.up(self.norm(x_btd)))
+  def __call__(self, x_btd: jax.Array, lora=None, name: str = '') -> jax.Array:
+    """`lora`: the block's LoRA updates; this module's targets are `{name}_up`, `{name}_down`."""
+    h_btd = self.norm(x_btd)
+    h_btf = ACTIVATIONS[self.activation](adapted(self.up, h_btd, lora, f'{name}_up'))
     h_btf = sharding.constrain(h_btf, ('batch', 'time', 'mlp'))
-    return self.down(h_btf)
+    return adapted(self.down, h_btf, lora, f'{name}_down')
 

@@ -48,10 +48,77 @@ def stage_config(config: ml_collections.ConfigDict, stage: ml_collections.Config
   return c
 
 
-def fingerprint(config: ml_collections.ConfigDict, tokenizer) -> str:
-  """What determines the pre-trained base: its config and its tokenizer."""
-  blob = json.dumps(config.to_dict(), sort_keys=True, default=str).encode()
+# Fields of a pre-training stage's config that do not change the weights it trains: how it is
+# logged, checkpointed, evaluated and decoded, and what the other stages do.
+_NOT_THE_BASE = ('demo', 'decoding', 'checkpoint', 'base', 'train.log_every_steps',
+                 'data.eval_split', 'data.eval_batch_size', 'data.num_threads', 'data.data_dir',
+                 'data.domains_file')
+
+
+def fingerprint(config: ml_collections.ConfigDict, tokenizer, *, dataset_description=None) -> str:
+  """The cache key of a pre-trained base: what determines its weights (the model, features,
+  data order, steps and optimizer of its stage, its tokenizer and its training domain), and
+  nothing else, so adapting differently or decoding differently reuses the cached base."""
+  c = config.to_dict()
+  for path in _NOT_THE_BASE:
+    *parents, leaf = path.split('.')
+    node = c
+    for p in parents:
+      node = node.get(p, {})
+    node.pop(leaf, None)
+  if c['train']['trainable'] == 'full' and c['adapter']['placement'] == 'none':
+    c.pop('adapter')  # no adapter exists to be shaped by these fields
+  c['dataset'] = dataset_description
+  blob = json.dumps(c, sort_keys=True, default=str).encode()
   return hashlib.sha256(blob + tokenizer.serialize()).hexdigest()[:16]
+
+
+def cached_base(config: ml_collections.ConfigDict, path: str, source: datasets.SpeechData,
+                source_tok) -> dict | None:
+  """The metadata of the base pre-trained by `config.demo.pretrain` if `path` holds it (its
+  key matches), else None."""
+  base_config = stage_config(config, config.demo.pretrain, dataset=config.demo.source,
+                             vocab_size=source_tok.vocab_size)
+  key = fingerprint(base_config, source_tok, dataset_description=dataset_description(source))
+  meta = checkpoint.read_metadata(os.path.join(path, 'encoder'))
+  return meta if meta is not None and meta.get('fingerprint') == key else None
+
+
+def pretrained_base(config: ml_collections.ConfigDict, path: str, mesh, source, source_tok,
+                    writer: MetricsWriter | None = None):
+  """(model, learning curve, pre-trained now?) of the base that `config.demo.pretrain` trains
+  on `source`: restored from `path` when it holds that base (its cache key matches), else
+  trained and saved there (`path`/encoder, `path`/head)."""
+  demo = config.demo
+  base_config = stage_config(config, demo.pretrain, dataset=demo.source,
+                             vocab_size=source_tok.vocab_size)
+  key = fingerprint(base_config, source_tok, dataset_description=dataset_description(source))
+  meta = cached_base(config, path, source, source_tok)
+  base = build.create_model(base_config, mesh)
+  if meta is not None:
+    logging.info('restoring the pre-trained base from %s (delete it to pre-train again)', path)
+    checkpoint.load_base(os.path.join(path, 'encoder'), base)
+    nnx.update(base.head, checkpoint.restore_state(os.path.join(path, 'head'),
+                                                    nnx.state(base.head)))
+    return base, meta['curve'], False
+  trainer = trainer_lib.from_config(base_config, mesh, model=base)
+  training.describe(trainer)
+  loader = source.train_loader(source_tok, seed=config.seed, num_batches=demo.pretrain.num_steps)
+  curve = training.fit(trainer, iter(loader), num_steps=demo.pretrain.num_steps, writer=writer,
+                       log_every=config.train.log_every_steps, stage='pretrain')
+  base = trainer.model()
+  checkpoint.save_state(os.path.join(path, 'head'), nnx.state(base.head))
+  # The encoder is written last: its metadata marks a complete base.
+  checkpoint.save_state(os.path.join(path, 'encoder'), checkpoint.base_state(base),
+                         metadata={'fingerprint': key, 'curve': curve, 'dataset': demo.source})
+  return base, curve, True
+
+
+def dataset_description(data: datasets.SpeechData) -> str:
+  """What names a dataset's content: its TFDS name, version and builder config (a synthetic
+  domain's languages, voices, rates, noise and sizes), not where it is stored."""
+  config = data.builder.builder_config
+  return f'{data.builder.info.full_name} {config!r}'
 
 
 class Clock:
@@ -100,33 +167,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = MetricsWriter(workdir)
 
   # -- pretrain (or restore the cached base) -------------------------------------------------
-  base_config = stage_config(config, demo.pretrain, dataset=demo.source,
-                             vocab_size=source_tok.vocab_size)
   base_path = os.path.join(workdir, 'base')
-  key = fingerprint(base_config, source_tok)
-  meta = checkpoint.read_metadata(os.path.join(base_path, 'encoder'))
-  base = build.create_model(base_config, mesh)
-  if meta is not None and meta.get('fingerprint') == key:
-    logging.info('restoring the pre-trained base from %s (delete it to pre-train again)',
-                 base_path)
-    checkpoint.load_base(os.path.join(base_path, 'encoder'), base)
-    nnx.update(base.head, checkpoint.restore_state(os.path.join(base_path, 'head'),
-                                                    nnx.state(base.head)))
-    pretrain_curve, pretrained_now = meta['curve'], False
-  else:
-    trainer = trainer_lib.from_config(base_config, mesh, model=base)
-    training.describe(trainer)
-    loader = source.train_loader(source_tok, seed=config.seed, num_batches=demo.pretrain.num_steps)
-    pretrain_curve = training.fit(trainer, iter(loader), num_steps=demo.pretrain.num_steps,
-                                  writer=writer, log_every=config.train.log_every_steps,
-                                  stage='pretrain')
-    base = trainer.model()
-    checkpoint.save_state(os.path.join(base_path, 'head'), nnx.state(base.head))
-    # The encoder is written last: its metadata marks a complete base.
-    checkpoint.save_state(os.path.join(base_path, 'encoder'), checkpoint.base_state(base),
-                           metadata={'fingerprint': key, 'curve': pretrain_curve,
-                                     'dataset': demo.source})
-    pretrained_now = True
+  base, pretrain_curve, pretrained_now = pretrained_base(config, base_path, mesh, source,
+                                                         source_tok, writer)
   clock.lap('pretrain')
 
   # -- the base on source and target ---------------------------------------------------------

@@ -22,7 +22,7 @@ from tpa_jax import checkpoint, sharding
 from tpa_jax.checkpoint import spec as spec_lib
 from tpa_jax.data import random_task
 from tpa_jax.errors import ConfigError
-from tpa_jax.train import partition, trainer as trainer_lib
+from tpa_jax.train import partition, trainer as trainer_lib, validation
 from tpa_jax.train.metrics import MetricsWriter, write_json
 from tpa_jax.train.preemption import Preemption
 
@@ -119,6 +119,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       data, tokenizer = datasets.open_for_config(config, workdir, mesh)
       batches = iter(data.train_loader(tokenizer, split=config.data.train_split,
                                        seed=config.seed, num_batches=num_steps))
+    eval_every = int(config.train.eval_every_steps) if data is not None else 0
 
     # -- model and base, state, step ----------------------------------------------------------
     trainer = trainer_lib.from_config(config, mesh)
@@ -130,7 +131,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = checkpoint.RunCheckpointer(os.path.join(workdir, 'checkpoints'),
                                       keep=config.checkpoint.keep,
                                       async_save=config.checkpoint.async_save)
-    writer = None
+    writer = best = None
     try:
       restored = ckpt.restore_latest(
           trainer.state, check=lambda saved: checkpoint.check_run(saved, spec, ckpt.directory))
@@ -141,11 +142,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info('resumed from step %d of %s', start, ckpt.directory)
       writer = MetricsWriter(workdir)
       writer.truncate_after(start)  # steps after the checkpoint are run again
+      if eval_every:
+        from tpa_jax.infer import evaluate  # pylint: disable=import-outside-toplevel
+        scored = validation.validation_config(config)
+        best = validation.BestStep(
+            workdir, config.head.kind, writer=writer, run_info=record,
+            score=lambda: evaluate.evaluate_speech(scored, trainer.model(), trainer.featurizer,
+                                                   mesh, data, tokenizer,
+                                                   config.data.validation_split))
+        best.resume(start)
 
       # -- loop -------------------------------------------------------------------------------
       def after_step(step: int) -> bool:
         # Every process asks at every step: with several, they agree on the step to stop at.
         stop = preemption.reached(step)
+        if best is not None and validation.due(step, eval_every, num_steps):
+          best.evaluate(step, trainer.state, batches.get_state())
         if step % every == 0 or step == num_steps or stop:
           ckpt.save(step, trainer.state, data_state=batches.get_state(), run_info=record)
         return stop
@@ -153,23 +165,35 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       curve = fit(trainer, batches, num_steps=num_steps, writer=writer,
                   log_every=config.train.log_every_steps, start_step=start,
                   after_step=after_step)
+      if best is not None and not preemption.requested:
+        # Test is scored once, with the state of the best validation step.
+        trainer.state = best.restore_best(trainer.state)
     finally:
       ckpt.close()
       if writer is not None:
         writer.close()
+      if best is not None:
+        best.close()
 
   # -- results ----------------------------------------------------------------------------------
   step = int(jax.device_get(trainer.state.step))
+  if best is not None and not preemption.requested:
+    step = num_steps  # the state is the best step's; the run trained to the end
   results = {**(curve[-1] if curve else {'step': step}), **info, 'step': step,
              'base_fingerprint': trainer.base_fingerprint['id'],
              'preempted': preemption.requested}
   if preemption.requested:
     logging.warning('preempted: step %d is saved in %s; relaunch to resume', step,
                     ckpt.directory)
-  elif data is not None:
+  else:
+    if best is not None:
+      results['validation'] = best.summary()
+  if data is not None and config.data.eval_split and not preemption.requested:
     from tpa_jax.infer import evaluate  # pylint: disable=import-outside-toplevel
     results['eval'] = evaluate.evaluate_speech(config, trainer.model(), trainer.featurizer,
                                                mesh, data, tokenizer, config.data.eval_split)
+    results['eval']['step'] = (best.best['step'] if best is not None
+                               else int(jax.device_get(trainer.state.step)))
     logging.info('evaluation on %s: %s', config.data.eval_split, results['eval'])
   write_json(os.path.join(workdir, 'results.json'), results)
   return results

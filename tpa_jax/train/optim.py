@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -9,6 +11,44 @@ import optax
 from tpa_jax.errors import ConfigError
 
 SCHEDULES = ('cosine', 'rsqrt', 'constant')
+
+
+class PeakState(NamedTuple):
+  """State of `scale_by_peak_schedule`: the step count and the peak learning rate."""
+  count: jax.Array
+  peak: jax.Array
+
+
+class PeakSchedule:
+  """lr(step) = peak · unit(step). Inside a train step the peak is read from the optimizer state
+  (`in_step`), so runs that differ only in their learning rate run the same compiled program
+  (a study's learning-rate grid compiles once); `schedule(step)` is the same value on the host."""
+
+  def __init__(self, unit: optax.Schedule, peak: float):
+    self.unit, self.peak = unit, float(peak)
+
+  def __call__(self, step):
+    return self.peak * self.unit(step)
+
+  def in_step(self, opt_state, step):
+    states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PeakState))
+              if isinstance(s, PeakState)]
+    return states[0].peak * self.unit(step)
+
+
+def scale_by_peak_schedule(unit: optax.Schedule, peak: float) -> optax.GradientTransformation:
+  """updates · -(peak · unit(count)), with the peak an array of the state."""
+  def init_fn(params):
+    del params
+    return PeakState(count=jnp.zeros([], jnp.int32), peak=jnp.asarray(peak, jnp.float32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    step_size = -state.peak * unit(state.count)
+    updates = jax.tree.map(lambda u: (step_size * u).astype(u.dtype), updates)
+    return updates, PeakState(count=optax.safe_increment(state.count), peak=state.peak)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def make_schedule(*, learning_rate: float, schedule: str, warmup_steps: int, decay_steps: int,
@@ -49,15 +89,19 @@ def make_optimizer(*, learning_rate: float, schedule: str = 'cosine', warmup_ste
                    b2: float = 0.98, eps: float = 1e-8, weight_decay: float = 0.0,
                    clip_norm: float | None = 1.0) -> tuple[optax.GradientTransformation,
                                                             optax.Schedule]:
-  """(optimizer, schedule): global-norm clipping then AdamW."""
-  sched = make_schedule(learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps,
-                        decay_steps=decay_steps, end_ratio=end_ratio)
+  """(optimizer, schedule): global-norm clipping then AdamW (Adam moments, decoupled weight
+  decay, the scheduled learning rate: optax.adamw's order), the peak rate held in the state."""
+  if learning_rate <= 0:
+    raise ConfigError(f'optim.learning_rate={learning_rate}: must be positive')
+  unit = make_schedule(learning_rate=1.0, schedule=schedule, warmup_steps=warmup_steps,
+                       decay_steps=decay_steps, end_ratio=end_ratio)
   parts = []
   if clip_norm:
     parts.append(optax.clip_by_global_norm(clip_norm))
-  parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                           mask=_decay_mask))
-  return optax.chain(*parts), sched
+  parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+            optax.add_decayed_weights(weight_decay, mask=_decay_mask),
+            scale_by_peak_schedule(unit, learning_rate)]
+  return optax.chain(*parts), PeakSchedule(unit, learning_rate)
 
 
 def from_config(config) -> tuple[optax.GradientTransformation, optax.Schedule]:

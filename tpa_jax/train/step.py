@@ -175,7 +175,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
       new_state = TrainState(step=state.step + 1, trainable=keep(trainable, state.trainable),
                              opt_state=keep(opt_state, state.opt_state))
-      metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': schedule(state.step),
+      rate = (schedule.in_step(state.opt_state, state.step) if hasattr(schedule, 'in_step')
+              else schedule(state.step))
+      metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': rate,
                  'applied': ok.astype(jnp.float32), **aux}
     return new_state, metrics
 

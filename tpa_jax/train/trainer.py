@@ -280,6 +280,8 @@ def check_config(config: ml_collections.ConfigDict, *, mesh: bool = True) -> Non
   """Named errors for every config field a trainer cannot take, before data is prepared or
   anything compiles: the model, adapters, head, what trains, optimizer, features and (with
   `mesh`) the mesh are built from shapes alone on one device."""
+  from tpa_jax.train import validation  # pylint: disable=import-outside-toplevel
+  validation.check_config(config)
   if mesh:
     sharding.make_mesh(**config.mesh)  # does the mesh fit the devices?
   from_config(config, sharding.make_mesh(devices=jax.devices()[:1]), abstract=True)

@@ -1,0 +1,115 @@
+"""The paper's study over one frozen base: methods x tasks x seeds, fairly compared.
+
+  python launch/study.py --config=configs/study.py --workdir=runs/study           # default
+  python launch/study.py --config=configs/study.py:quick --workdir=runs/study-quick
+  python launch/study.py --config=configs/study.py:full --workdir=runs/study-full
+  python launch/study.py --config=configs/study.py:scale --workdir=runs/study-scale
+  python launch/study.py --config=configs/study.py:tiny --workdir=/tmp/study       # tests
+
+The model, features, data and decoding are the demo's (configs/demo.py), so the default base is
+the demo's pre-trained English base, reused from `study.base_workdir` when `make demo` has
+cached it there. Lists are comma-separated and overridable like any field:
+`--config.study.methods=head,tpa,lora --config.study.seeds=1`.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+# The default comparison: the floor, the ceiling, TPA, the serial adapter at TPA's bottleneck
+# and at twice it (TPA's trainable parameters), LoRA near TPA's parameters, TPA on the upper half.
+CORE_METHODS = 'head,full,tpa,block_sequential,block_sequential_x2,lora,tpa_upper_half'
+TASKS = ('synthetic_speech/target_lang,synthetic_speech/target_acoustic,'
+         'synthetic_speech/lang_id')
+VARIANTS = ('quick', 'full', 'scale', 'tiny')
+
+
+def _demo_config(arg=None):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py')
+  spec = importlib.util.spec_from_file_location('_demo_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def study_fields(num_blocks: int) -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  # Tasks: dataset names (synthetic_speech/<domain of data.domains_file>, librispeech), each
+  # optionally ':ctc' or ':classification' (default: language ID for a domain of several
+  # languages, ASR otherwise).
+  s.tasks = TASKS
+  # Methods (rows): head, full, tpa, ff_sequential, block_parallel, block_sequential,
+  # block_sequential_x2, mhsa_parallel, conv_parallel, lora, tpa_upper_half, tpa_upper_quarter,
+  # tpa_lower_half, tpa_top<k>, tpa_r<r>.
+  s.methods = CORE_METHODS
+  # Number of seeds (0 .. seeds-1): each varies the adapter/head initialisation and data order.
+  s.seeds = 3
+  # Learning-rate grid: every method and task trains its first seed at each; the rate with the
+  # best validation score is chosen for that method and task.
+  s.learning_rates = '3e-3,1e-2'
+  # Budget of every run: steps, warmup (then cosine decay to 0), validation every this many
+  # steps (the best step is kept and scored on test).
+  s.num_steps = 250
+  s.warmup_steps = 50
+  s.eval_every_steps = 50
+  # TPA's bottleneck (and the adapters' of the other placements).
+  s.bottleneck = 32
+  # LoRA's rank and alpha (updates scaled by alpha / rank). Rank 5 on q, k, v, out and both
+  # FFNs of 6 x 144 blocks trains 120,960 weights, TPA at r=32 116,160.
+  s.lora_rank = 5
+  s.lora_alpha = 10.0
+  # TPA runs of the first this many seeds are also scored with their adapters removed from the
+  # lowest k blocks, k = 0 .. num_blocks (no retraining).
+  s.pruning_seeds = 3
+  # Where `make demo` cached its base and corpus (reused when they fit this config).
+  s.base_workdir = 'runs/demo'
+  # scale: model shapes of the bases compared ('' : this config's model only).
+  s.scale_models = ''
+  # Processes that run cells side by side (each a share of the task x method pairs). One
+  # process keeps about one core busy at this model size: 2 on a 2-core machine.
+  s.workers = 2
+  # JAX's persistent compilation cache ('': <workdir>/jax_cache): identical programs of
+  # different cells (and processes) compile once.
+  s.compile_cache = ''
+  del num_blocks
+  return s
+
+
+def get_config(arg=None):
+  if arg not in (None, '') and arg not in VARIANTS:
+    raise ValueError(f'configs/study.py takes no argument or one of {VARIANTS}, got {arg!r}')
+  c = _demo_config('tiny' if arg == 'tiny' else None)
+  c.study = s = study_fields(c.model.num_blocks)
+  # Validation is scored with best-path decoding (cheap); test with the lexicon decoder.
+  c.train.validation_decoding = 'greedy'
+  c.checkpoint.async_save = False
+  if arg == 'quick':  # a first look: one seed, one ASR task and language ID, one rate
+    s.tasks = 'synthetic_speech/target_lang,synthetic_speech/lang_id'
+    s.seeds = 1
+    s.pruning_seeds = 1
+    s.learning_rates = '3e-3'
+  elif arg == 'full':  # everything: every placement, pruning depth and bottleneck
+    n = c.model.num_blocks
+    s.methods = ','.join([CORE_METHODS, 'ff_sequential', 'block_parallel', 'mhsa_parallel',
+                          'conv_parallel', 'tpa_upper_quarter', 'tpa_lower_half',
+                          *[f'tpa_top{k}' for k in range(1, n)],
+                          *[f'tpa_r{r}' for r in (4, 8, 16, 64)]])
+  elif arg == 'scale':  # head, full and TPA over bases of three sizes
+    s.methods = 'head,full,tpa'
+    s.scale_models = 'demo,wide,deep'
+  elif arg == 'tiny':  # seconds: the tiny corpus and model
+    s.tasks = 'synthetic_speech/target_lang_tiny,synthetic_speech/lang_id_tiny'
+    s.methods = 'head,tpa,lora'
+    s.seeds = 1
+    s.pruning_seeds = 1
+    s.learning_rates = '3e-3'
+    s.num_steps = 6
+    s.warmup_steps = 2
+    s.eval_every_steps = 3
+    s.bottleneck = 8
+    s.lora_rank = 2
+    s.lora_alpha = 4.0
+    s.base_workdir = ''
+    s.workers = 1
+  return c

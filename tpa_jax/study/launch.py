@@ -1,0 +1,80 @@
+"""`launch/study.py`'s work: one study, or (`study.scale_models`) one per base size and a table
+of how the gap between TPA and full fine-tuning moves as the base grows."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from tpa_jax.errors import ConfigError
+from tpa_jax.study import report
+from tpa_jax.study.runner import Study, validate
+from tpa_jax.train.metrics import write_json
+
+# Bases of the scale variant, by name: the demo's shape changed by these fields, each
+# pre-trained as the demo's base is (same data, steps and schedule), cached in its own folder.
+SCALE_MODELS = {
+    'demo': {},  # 6 x 144, 3.1 M parameters
+    'wide': dict(dim=256, ffn_dim=1024, num_heads=4),  # 6 x 256, ~9 M
+    'deep': dict(dim=256, ffn_dim=1024, num_heads=4, num_blocks=12),  # 12 x 256, ~18 M
+}
+
+
+def scale_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  out = {}
+  for name in [m.strip() for m in config.study.scale_models.split(',') if m.strip()]:
+    if name not in SCALE_MODELS:
+      raise ConfigError(f'study.scale_models names {name!r}: accepted models are '
+                        f'{tuple(SCALE_MODELS)}')
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.model.update(SCALE_MODELS[name])
+    c.study.scale_models = ''
+    if name != 'demo':
+      c.study.base_workdir = ''  # only the demo's own shape is cached by `make demo`
+    out[name] = c
+  return out
+
+
+def main(config: ml_collections.ConfigDict, workdir: str, *, cells=(),
+         report_only: bool = False, argv: list[str] = (), worker: str = '') -> list[dict]:
+  """Runs (or, with `report_only`, reports) the study of `config` in `workdir`: in
+  `study.workers` processes (this program's `argv` again, with `--worker=i/n`), or here."""
+  # Identical programs compile once across cells: seeds and learning rates share programs (the
+  # peak rate is optimizer state), and JAX's persistent cache keeps them across processes.
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update('jax_compilation_cache_dir', config.study.compile_cache or os.path.join(
+      os.path.abspath(workdir), 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  if not config.study.scale_models:
+    return _one(config, workdir, cells, report_only, argv, worker)
+  subs = scale_configs(config)
+  for c in subs.values():
+    validate(c)  # every name checked before anything runs
+  if worker:  # a worker of one base's study: its argv names that base and its folder
+    (c,) = subs.values()
+    return _one(c, workdir, cells, report_only, argv, worker)
+  rows = []
+  for name, c in subs.items():
+    folder = os.path.join(workdir, name)
+    sub_argv = [*argv, f'--config.study.scale_models={name}', f'--workdir={folder}']
+    for row in _one(c, folder, cells, report_only, sub_argv, ''):
+      rows.append({**row, 'base': name})
+  os.makedirs(workdir, exist_ok=True)
+  write_json(os.path.join(workdir, 'study.json'), rows)
+  with open(os.path.join(workdir, 'study.md'), 'w') as f:
+    f.write(report.scale_table(rows))
+  return rows
+
+
+def _one(config, workdir, cells, report_only, argv, worker) -> list[dict]:
+  study = Study(config, workdir)
+  if report_only:
+    return study.write_report()
+  if worker:
+    index, count = (int(x) for x in worker.split('/'))
+    return study.run(list(cells), share=(index, count), report=False)
+  if int(config.study.workers) > 1:
+    return study.run_workers(list(argv), list(cells))
+  return study.run(list(cells))

@@ -1,0 +1,219 @@
+"""The study's report from its rows: `study.md` (the paper-style table: methods x tasks, mean ±
+std over seeds, trainable share; failed cells marked) and plots (quality against trainable
+parameters per task, the pruning curves, the bottleneck curve)."""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+
+import ml_collections
+
+
+def _percent(x: float) -> str:
+  return f'{100 * x:.1f}'
+
+
+def summarize(rows: list[dict]) -> dict:
+  """(task, method) -> {'mean', 'std', 'n', 'failed', 'best_path', ...} over seeds."""
+  out = {}
+  for row in rows:
+    key = (row['task'], row['method'])
+    cell = out.setdefault(key, {'tests': [], 'best_path': [], 'failed': [], 'row': row})
+    if row['status'] == 'ok' and row.get('test') is not None:
+      cell['tests'].append(row['test'])
+      if row.get('best_path_test') is not None:
+        cell['best_path'].append(row['best_path_test'])
+    else:
+      cell['failed'].append(f"seed {row['seed']}: {row['status']}")
+  for cell in out.values():
+    t = cell['tests']
+    cell['n'] = len(t)
+    cell['mean'] = statistics.fmean(t) if t else None
+    cell['std'] = statistics.stdev(t) if len(t) > 1 else 0.0 if t else None
+    cell['best_path_mean'] = statistics.fmean(cell['best_path']) if cell['best_path'] else None
+  return out
+
+
+def table(rows: list[dict], config: ml_collections.ConfigDict | None = None) -> str:
+  """Markdown: one row per method, one column per task (test WER % or accuracy %, mean ± std
+  over seeds), the trainable share and the step FLOPs against full fine-tuning."""
+  summary = summarize(rows)
+  tasks = list(dict.fromkeys(r['task'] for r in rows))
+  methods = list(dict.fromkeys(r['method'] for r in rows))
+  metric = {r['task']: r['metric'] for r in rows}
+  head = ['method', 'trainable', 'step FLOPs vs full'] + [
+      f"{t.split('/')[-1]} ({'WER %, lower' if metric[t] == 'wer' else 'accuracy %, higher'} "
+      'is better)' for t in tasks]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for method in methods:
+    any_row = next(r for r in rows if r['method'] == method)
+    share = any_row.get('trainable_fraction')
+    flops = any_row.get('step_flops_vs_full')
+    cells = [method,
+             f"{any_row['trainable_params']:,} ({100 * share:.2f}%)" if share is not None else '-',
+             f'{flops:.2f}' if flops is not None else '-']
+    for task in tasks:
+      s = summary.get((task, method))
+      if s is None:
+        cells.append('not run')
+        continue
+      text = (f"{_percent(s['mean'])} ± {_percent(s['std'])}" if s['mean'] is not None
+              else 'failed')
+      if s['best_path_mean'] is not None:
+        text += f" ({_percent(s['best_path_mean'])})"
+      if s['failed']:
+        text += f" **{len(s['failed'])} failed**"
+      cells.append(text)
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  notes = []
+  for (task, method), s in summary.items():
+    for failure in s['failed']:
+      notes.append(f'- {task} / {method}, {failure}')
+  n_seeds = max((s['n'] for s in summary.values()), default=0)
+  text = [
+      '# Study', '',
+      f'Test scores at each run\'s best validation step, mean ± standard deviation over '
+      f'{n_seeds} seed(s); the learning rate of each method and task was chosen on the '
+      'validation split. ASR cells give the lexicon-decoded WER and, in brackets, the '
+      'best-path WER.', '', *lines, '']
+  rates = {}
+  for r in rows:
+    rates.setdefault(r['method'], {})[r['task'].split('/')[-1]] = r['learning_rate']
+  text += ['Chosen learning rates: ' + '; '.join(
+      f'{m}: ' + ', '.join(f'{t} {lr:g}' for t, lr in v.items()) for m, v in rates.items()), '']
+  if notes:
+    text += ['Failed cells:', *notes, '']
+  pruning = pruning_table(rows)
+  if pruning:
+    text += pruning
+  return '\n'.join(text)
+
+
+def pruning_table(rows: list[dict]) -> list[str]:
+  """TPA's test score with adapters removed from the lowest k blocks (mean over seeds)."""
+  curves = {}
+  for r in rows:
+    if r.get('pruning'):
+      for point in r['pruning']:
+        curves.setdefault(r['task'], {}).setdefault(point['removed_lowest'], []).append(
+            point['test'])
+  if not curves:
+    return []
+  ks = sorted({k for c in curves.values() for k in c})
+  lines = ['TPA trained on every block, then its adapters removed from the lowest k blocks '
+           '(no retraining; test, mean over seeds):', '',
+           '| task | ' + ' | '.join(f'k={k}' for k in ks) + ' |', '|---|' + '---|' * len(ks)]
+  for task, curve in curves.items():
+    lines.append(f"| {task.split('/')[-1]} | " + ' | '.join(
+        _percent(statistics.fmean(curve[k])) if k in curve else '-' for k in ks) + ' |')
+  return lines + ['']
+
+
+def write(rows: list[dict], workdir: str, config=None) -> None:
+  """Writes `study.md` and the plots into `workdir`."""
+  with open(os.path.join(workdir, 'study.md'), 'w') as f:
+    f.write(table(rows, config) if rows else '# Study\n\nNo finished cell yet.\n')
+  if rows:
+    plots(rows, workdir)
+
+
+def plots(rows: list[dict], workdir: str) -> None:
+  """pareto.png (test against trainable parameters, per task), pruning.png (trained on the top
+  k blocks; adapters removed from the lowest k), bottleneck.png (TPA's r)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  summary = summarize(rows)
+  tasks = list(dict.fromkeys(r['task'] for r in rows))
+  metric = {r['task']: r['metric'] for r in rows}
+  params = {r['method']: r['trainable_params'] for r in rows if r.get('trainable_params')}
+
+  def ylabel(task):
+    return 'test WER %' if metric[task] == 'wer' else 'test accuracy %'
+
+  fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+  for ax, task in zip(axes[0], tasks):
+    for (t, method), s in summary.items():
+      if t != task or s['mean'] is None or method not in params:
+        continue
+      ax.errorbar(params[method], 100 * s['mean'], yerr=100 * s['std'], fmt='o', capsize=3)
+      ax.annotate(method, (params[method], 100 * s['mean']), fontsize=7,
+                  xytext=(3, 3), textcoords='offset points')
+    ax.set(title=task.split('/')[-1], xlabel='trainable parameters', ylabel=ylabel(task),
+           xscale='log')
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'pareto.png'), dpi=100)
+  plt.close(fig)
+
+  top = {(t, int(m.group(1))): s for (t, name), s in summary.items()
+         if (m := re.fullmatch(r'tpa_top(\d+)', name)) and s['mean'] is not None}
+  removed = {}
+  for r in rows:
+    for p in r.get('pruning') or ():
+      removed.setdefault(r['task'], {}).setdefault(p['removed_lowest'], []).append(p['test'])
+  if top or removed:
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+      pts = sorted((k, s['mean']) for (t, k), s in top.items() if t == task)
+      if pts:
+        ax.plot([k for k, _ in pts], [100 * v for _, v in pts], 'o-',
+                label='trained on the top k blocks')
+      if task in removed:
+        num = max(removed[task])
+        pts = sorted((num - k, statistics.fmean(v)) for k, v in removed[task].items())
+        ax.plot([k for k, _ in pts], [100 * v for _, v in pts], 's--',
+                label='trained on all, removed from the lowest N-k')
+      ax.set(title=task.split('/')[-1], xlabel='k: blocks that keep adapters (the top ones)',
+             ylabel=ylabel(task))
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, 'pruning.png'), dpi=100)
+    plt.close(fig)
+
+  bottleneck = {(t, int(m.group(1))): s for (t, name), s in summary.items()
+                if (m := re.fullmatch(r'tpa_r(\d+)', name)) and s['mean'] is not None}
+  if bottleneck:
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+      pts = sorted((r, s['mean'], s['std']) for (t, r), s in bottleneck.items() if t == task)
+      if pts:
+        ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts],
+                    yerr=[100 * p[2] for p in pts], fmt='o-', capsize=3)
+      ax.set(title=task.split('/')[-1], xlabel='TPA bottleneck r', ylabel=ylabel(task),
+             xscale='log', xticks=[p[0] for p in pts] if pts else [])
+      ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, 'bottleneck.png'), dpi=100)
+    plt.close(fig)
+
+
+def scale_table(rows: list[dict]) -> str:
+  """Markdown: per base size and task, each method's test score (mean ± std) and the gap
+  between TPA and full fine-tuning (relative for WER, absolute points for accuracy)."""
+  lines = ['# Study over bases of several sizes', '',
+           '| base | parameters | task | ' + ' | '.join(('head', 'full', 'tpa')) +
+           ' | TPA vs full |', '|---|---|---|---|---|---|---|']
+  bases = list(dict.fromkeys(r['base'] for r in rows))
+  for base in bases:
+    sub = [r for r in rows if r['base'] == base]
+    summary = summarize(sub)
+    params = next((r['total_params'] for r in sub if r.get('total_params')), None)
+    for task in dict.fromkeys(r['task'] for r in sub):
+      metric = next(r['metric'] for r in sub if r['task'] == task)
+      cells = []
+      for method in ('head', 'full', 'tpa'):
+        s = summary.get((task, method))
+        cells.append(f"{_percent(s['mean'])} ± {_percent(s['std'])}"
+                     if s and s['mean'] is not None else '-')
+      full, tpa = summary.get((task, 'full')), summary.get((task, 'tpa'))
+      gap = '-'
+      if full and tpa and full['mean'] is not None and tpa['mean'] is not None:
+        gap = (f"{100 * (tpa['mean'] / full['mean'] - 1):+.0f}% relative" if metric == 'wer'
+               else f"{100 * (tpa['mean'] - full['mean']):+.1f} points")
+      lines.append(f"| {base} | {params:,} | {task.split('/')[-1]} | " + ' | '.join(cells) +
+                   f' | {gap} |')
+  return '\n'.join(lines) + '\n'

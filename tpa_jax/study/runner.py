@@ -1,0 +1,438 @@
+"""Running a study: the base, the cells in order, learning rates chosen on validation, test
+scored once, rows in `study.json`, then the report.
+
+For each task and method: the first seed trains at every learning rate of the grid; the rate
+whose run scores best on the validation split (at its best step) is chosen, for that task and
+method; the other seeds train at that rate. Test is scored once per chosen run, with the state
+of its best validation step. A TPA run at the chosen rate is also scored with its adapters
+removed from the lowest k blocks, k = 0 .. N, without retraining (the pruning curve).
+
+A finished cell leaves `cell.json` in its folder; a re-run skips it, and a killed cell resumes
+from its run checkpoint. `cells` (glob patterns over cell names such as `target_lang/tpa/*`)
+selects a subset, so machines sharing one workdir can split a study.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import time
+import traceback
+
+import jax
+import ml_collections
+from absl import logging
+
+from tpa_jax import checkpoint, sharding
+from tpa_jax.errors import ConfigError, UserError
+from tpa_jax.study import cells as cells_lib
+from tpa_jax.study import report
+from tpa_jax.study.cells import Cell, Task
+from tpa_jax.train.metrics import write_json
+
+# Fields of the study config that do not change any cell's result: a workdir may be re-run or
+# extended with different ones.
+_FREE_FIELDS = ('study.methods', 'study.tasks', 'study.seeds', 'study.base_workdir',
+                'study.compile_cache', 'study.workers', 'data.data_dir',
+                'study.pruning_seeds', 'train.log_every_steps', 'data.num_threads',
+                'data.eval_batch_size')
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Records the study's config in `workdir/study_config.json`; refuses a workdir holding a
+  study of another config, naming the differing fields."""
+  path = os.path.join(workdir, 'study_config.json')
+  current = _flat(json.loads(config.to_json()))
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = _flat(json.load(f))
+    keys = sorted(k for k in set(saved) | set(current)
+                  if k not in _FREE_FIELDS and saved.get(k) != current.get(k))
+    if keys:
+      raise UserError(
+          f'{workdir} holds a study of another config: ' + '; '.join(
+              f'{k}: workdir {saved.get(k)!r}, config {current.get(k)!r}' for k in keys) +
+          '. Use another --workdir, or the config of that study.')
+  os.makedirs(workdir, exist_ok=True)
+  write_json(path, json.loads(config.to_json()))
+
+
+def validate(config: ml_collections.ConfigDict) -> tuple[list[Task], list[str], list[float]]:
+  """Every name of the study checked before anything runs: tasks, methods, rates, seeds."""
+  s = config.study
+  tasks = cells_lib.parse_tasks(config)
+  methods = cells_lib.split_list(s.methods)
+  if not methods:
+    raise ConfigError(f'study.methods names no method; accepted methods are '
+                      f'{cells_lib.method_names_help()}')
+  for m in methods:
+    cells_lib.method_overrides(m, s, config.model.num_blocks)
+  rates = cells_lib.learning_rates(config)
+  if int(s.seeds) < 1:
+    raise ConfigError(f'study.seeds={s.seeds}: the number of seeds, at least 1')
+  if int(s.eval_every_steps) < 1 or int(s.num_steps) < 1:
+    raise ConfigError('study.num_steps and study.eval_every_steps must be positive integers')
+  return tasks, methods, rates
+
+
+class Study:
+  """One study over one base in one workdir."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config, self.workdir = config, os.path.abspath(workdir)
+    self.tasks, self.methods, self.rates = validate(config)
+    self.seeds = list(range(int(config.study.seeds)))
+    self.mesh = None
+    self.base_path = self.data_dir = None
+
+  # -- the base and data ---------------------------------------------------------------------
+  def prepare(self) -> None:
+    """The base (given, the demo's cached one, or pre-trained here once) and every task's data."""
+    from tpa_jax.study import base as base_lib  # pylint: disable=import-outside-toplevel
+    self.mesh = sharding.make_mesh(**self.config.mesh)
+    self.base_path, self.data_dir = base_lib.resolve(self.config, self.workdir, self.mesh)
+    logging.info('study base: %s; data: %s', self.base_path, self.data_dir)
+    # Every task's corpus, tokenizer and split indexes, once (workers then only read them).
+    from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
+    for task in self.tasks:
+      config = self.run_config(self.grid(task, self.methods[0])[0])
+      data, tokenizer = datasets.open_for_config(config, self.workdir, self.mesh)
+      data.index(config.data.train_split, tokenizer)
+      for split in (config.data.validation_split, 'test'):
+        data.index(split)
+
+  # -- cells ------------------------------------------------------------------------------------
+  def folder(self, cell: Cell) -> str:
+    return os.path.join(self.workdir, cell.folder)
+
+  def run_config(self, cell: Cell) -> ml_collections.ConfigDict:
+    return cells_lib.run_config(self.config, cell, base_path=self.base_path,
+                                data_dir=self.data_dir,
+                                tokenizer_dir=os.path.join(self.workdir, 'tokenizers'))
+
+  def grid(self, task: Task, method: str) -> list[Cell]:
+    return [Cell(task, method, lr, self.seeds[0]) for lr in self.rates]
+
+  def chosen_rate(self, task: Task, method: str) -> float | None:
+    """The grid's rate with the best validation score (None until every grid run is done)."""
+    scores = {}
+    for cell in self.grid(task, method):
+      record = self.trained(cell)
+      if record is None:
+        return None
+      if record['status'] == 'ok':
+        scores[cell.learning_rate] = record['validation']
+    if not scores:
+      return self.rates[0]  # every rate failed: the failure is reported at the first
+    lower = task.metric == 'wer'
+    return min(scores, key=lambda lr: (scores[lr] if lower else -scores[lr]))
+
+  def trained(self, cell: Cell) -> dict | None:
+    path = os.path.join(self.folder(cell), 'trained.json')
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  def pairs(self, share: tuple[int, int] = (0, 1)) -> list[tuple[Task, str]]:
+    """The (task, method) pairs of worker `share[0]` of `share[1]`: each pair's runs stay in one
+    worker (its seeds need its grid), pairs go to the least loaded worker, costliest first."""
+    pairs = [(t, m) for t in self.tasks for m in self.methods]
+    index, count = share
+    if count == 1:
+      return pairs
+    weight = {'full': 2.0, 'head': 0.6}
+    loads, mine = [0.0] * count, []
+    for pair in sorted(pairs, key=lambda p: -weight.get(p[1], 1.0)):
+      w = loads.index(min(loads))
+      loads[w] += weight.get(pair[1], 1.0)
+      if w == index:
+        mine.append(pair)
+    return [p for p in pairs if p in mine]
+
+  def plan(self, share: tuple[int, int] = (0, 1)) -> list[tuple[Cell, bool]]:
+    """Every (cell, scored on test?) in run order; seeds after the first need the grid."""
+    out = []
+    for task, method in self.pairs(share):
+      for cell in self.grid(task, method):
+        out.append((cell, None))  # test only if its rate is chosen
+      for seed in self.seeds[1:]:
+        out.append((Cell(task, method, None, seed), True))
+    return out
+
+  @staticmethod
+  def selected(cell: Cell, patterns: list[str]) -> bool:
+    """Whether `task/method/seed=N` matches one of the glob `patterns` (none: every cell)."""
+    name = f'{cell.task.short}/{cell.method}/seed={cell.seed}'
+    return not patterns or any(fnmatch.fnmatch(name, p) for p in patterns)
+
+  def run(self, patterns: list[str] = (), share: tuple[int, int] = (0, 1),
+          report: bool = True) -> list[dict]:
+    """Runs every selected cell not yet finished (of worker `share`); returns the rows of
+    `study.json` (written with the report when `report`)."""
+    check_workdir(self.config, self.workdir)
+    self.prepare()
+    todo = [(c, t) for c, t in self.plan(share) if self.selected(c, list(patterns))]
+    start, done_seconds, finished = time.perf_counter(), [], 0
+    for i, (cell, _) in enumerate(todo):
+      if cell.learning_rate is None:
+        rate = self.chosen_rate(cell.task, cell.method)
+        if rate is None:
+          logging.warning('skipping %s/%s seed %d: the learning-rate grid (seed %d) is not '
+                          'finished (run its cells first)', cell.task.short, cell.method,
+                          cell.seed, self.seeds[0])
+          continue
+        cell = Cell(cell.task, cell.method, rate, cell.seed)
+      t0 = time.perf_counter()
+      ran = self.run_cell(cell)
+      if cell.seed == self.seeds[0]:  # a grid cell: test once the grid has chosen
+        rate = self.chosen_rate(cell.task, cell.method)
+        if rate is not None:
+          ran |= self.score_cell(Cell(cell.task, cell.method, rate, cell.seed))
+      else:
+        ran |= self.score_cell(cell)
+      finished += 1
+      if ran:
+        done_seconds.append(time.perf_counter() - t0)
+      left = len(todo) - i - 1
+      pace = sum(done_seconds) / len(done_seconds) if done_seconds else 0.0
+      logging.info('[study] %d/%d %s: %s | elapsed %s, ETA %s', i + 1, len(todo), cell.name,
+                   self.status_line(cell), _duration(time.perf_counter() - start),
+                   _duration(left * pace))
+      if share[1] == 1:
+        print(f'[study] {i + 1}/{len(todo)} {cell.name}: {self.status_line(cell)} | elapsed '
+              f'{_duration(time.perf_counter() - start)}, ETA {_duration(left * pace)}',
+              flush=True)
+    return self.write_report() if report else []
+
+  def run_workers(self, argv: list[str], patterns: list[str] = ()) -> list[dict]:
+    """Runs the study in `study.workers` processes (each a share of the task x method pairs,
+    logging to `<workdir>/worker-<i>.log`), printing one progress line per finished cell with
+    an ETA for the whole study, then writes the report. A process compiles and steps on about
+    one core for this model size, so two on two cores train about twice as fast."""
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    check_workdir(self.config, self.workdir)
+    self.prepare()  # the base and data once, before the workers read them
+    n = int(self.config.study.workers)
+    todo = [c for c, _ in self.plan() if self.selected(c, list(patterns))]
+    procs = []
+    for i in range(n):
+      log = open(os.path.join(self.workdir, f'worker-{i}.log'), 'w')
+      procs.append((subprocess.Popen([sys.executable, *argv, f'--worker={i}/{n}'],
+                                     stdout=log, stderr=subprocess.STDOUT), log))
+    start, reported, newly_done = time.perf_counter(), set(), 0
+    already = {self._key(c) for c in todo if self._finished(c)}
+    try:
+      while True:
+        running = any(p.poll() is None for p, _ in procs)
+        for cell in todo:
+          key = self._key(cell)
+          if key in reported or not self._finished(cell):
+            continue
+          reported.add(key)
+          if key not in already:
+            newly_done += 1
+          left = len(todo) - len(reported)
+          elapsed = time.perf_counter() - start
+          pace = elapsed / newly_done if newly_done else 0.0
+          shown = self._resolved(cell)
+          print(f'[study] {len(reported)}/{len(todo)} {shown.name}: {self.status_line(shown)} | '
+                f'elapsed {_duration(elapsed)}, ETA {_duration(left * pace)}', flush=True)
+        if not running:
+          break
+        time.sleep(2.0)
+    finally:
+      for p, log in procs:
+        if p.poll() is None:
+          p.terminate()
+        p.wait()
+        log.close()
+    failed = [i for i, (p, _) in enumerate(procs) if p.returncode != 0]
+    if failed:
+      logging.error('study workers %s ended with an error: see %s', failed,
+                    ', '.join(os.path.join(self.workdir, f'worker-{i}.log') for i in failed))
+    return self.write_report()
+
+  @staticmethod
+  def _key(cell: Cell) -> tuple:
+    return (cell.task, cell.method, cell.learning_rate, cell.seed)
+
+  def _resolved(self, cell: Cell) -> Cell:
+    if cell.learning_rate is not None:
+      return cell
+    return Cell(cell.task, cell.method, self.chosen_rate(cell.task, cell.method), cell.seed)
+
+  def _finished(self, cell: Cell) -> bool:
+    """Trained (and, when its rate is the chosen one, scored on test)."""
+    if cell.learning_rate is None:
+      rate = self.chosen_rate(cell.task, cell.method)
+      if rate is None:
+        return False
+      cell = Cell(cell.task, cell.method, rate, cell.seed)
+    record = self.trained(cell)
+    if record is None:
+      return False
+    if record['status'] != 'ok':
+      return True
+    rate = self.chosen_rate(cell.task, cell.method)
+    if rate is None:
+      return False  # a grid cell: done once the grid has chosen and (if chosen) scored
+    return rate != cell.learning_rate or self.scored(cell) is not None
+
+  def status_line(self, cell: Cell) -> str:
+    record = self.trained(cell)
+    if record is None:
+      return 'not run'
+    if record['status'] != 'ok':
+      return f"failed: {record['status']}"
+    text = f"validation {record['metric']} {record['validation']:.4f}"
+    scored = self.scored(cell)
+    if scored is not None and scored.get('status') == 'ok':
+      text += f", test {scored['test']:.4f}"
+    return text + f" ({record['seconds']['total']:.0f} s)"
+
+  # -- one cell ---------------------------------------------------------------------------------
+  def run_cell(self, cell: Cell) -> bool:
+    """Trains `cell` (resuming it) unless it is done; writes `trained.json`. True if it ran."""
+    if self.trained(cell) is not None:
+      return False
+    from tpa_jax.train import loop  # pylint: disable=import-outside-toplevel
+    folder = self.folder(cell)
+    os.makedirs(folder, exist_ok=True)
+    config = self.run_config(cell)
+    t0 = time.perf_counter()
+    record = {'task': cell.task.name, 'method': cell.method, 'seed': cell.seed,
+              'learning_rate': cell.learning_rate, 'metric': cell.task.metric}
+    try:
+      results = loop.train(config, folder)
+      loss = results.get('loss', float('nan'))
+      if not math.isfinite(loss) or results.get('skipped_steps', 0) >= config.train.num_steps:
+        raise FloatingPointError(f'non-finite loss ({loss}) at step {results["step"]}')
+      if results.get('preempted'):
+        raise KeyboardInterrupt('preempted')
+      v = results['validation']
+      record.update(status='ok', validation=v['best'], best_step=v['best_step'],
+                    validation_history=v['history'],
+                    trainable_params=results['trainable_params'],
+                    total_params=results['total_params'],
+                    trainable_fraction=results['trainable_fraction'],
+                    steps_per_second=results.get('steps_per_second'))
+      record['seconds'] = self._seconds(folder, time.perf_counter() - t0, config)
+    except (KeyboardInterrupt, SystemExit):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('cell %s failed: %s', cell.name, traceback.format_exc())
+      record.update(status=f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}',
+                    seconds={'total': time.perf_counter() - t0})
+    write_json(os.path.join(folder, 'trained.json'), record)
+    return True
+
+  def _seconds(self, folder: str, total: float, config) -> dict:
+    """Where a cell's time went: compile (estimated from the first logged steps' pace),
+    training steps, validation, the rest (setup, base restore, checkpoints)."""
+    out = {'total': round(total, 1)}
+    try:
+      with open(os.path.join(folder, 'metrics.jsonl')) as f:
+        lines = [json.loads(l) for l in f if l.strip()]
+      train = [l for l in lines if l.get('stage', 'train') == 'train' and 'elapsed_seconds' in l]
+      with open(os.path.join(folder, 'validation.json')) as f:
+        out['validation'] = round(json.load(f).get('seconds', 0.0), 1)
+      if len(train) >= 2:
+        (a, b) = train[0], train[-1]
+        pace = (b['elapsed_seconds'] - a['elapsed_seconds']) / max(b['step'] - a['step'], 1)
+        out['compile'] = round(max(a['elapsed_seconds'] - a['step'] * pace, 0.0), 1)
+        out['train_steps'] = round(config.train.num_steps * pace, 1)
+        out['step_seconds'] = round(pace, 4)
+    except (OSError, ValueError, KeyError):
+      pass
+    return out
+
+  def scored(self, cell: Cell) -> dict | None:
+    path = os.path.join(self.folder(cell), 'test.json')
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  def score_cell(self, cell: Cell) -> bool:
+    """Scores test once with the best validation step's state (and the pruning curve of TPA
+    over every block); writes `test.json`. True if it ran."""
+    record = self.trained(cell)
+    if record is None or record['status'] != 'ok' or self.scored(cell) is not None:
+      return False
+    from tpa_jax.study import scoring  # pylint: disable=import-outside-toplevel
+    folder = self.folder(cell)
+    t0 = time.perf_counter()
+    pruning = (cell.method == 'tpa' and cell.seed < int(self.config.study.pruning_seeds))
+    try:
+      out = scoring.score(self.run_config(cell), folder, self.mesh, pruning=pruning)
+      out['status'] = 'ok'
+    except (KeyboardInterrupt, SystemExit):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('scoring %s failed: %s', cell.name, traceback.format_exc())
+      out = {'status': f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'}
+    out['seconds'] = round(time.perf_counter() - t0, 1)
+    write_json(os.path.join(folder, 'test.json'), out)
+    return True
+
+  # -- rows and report --------------------------------------------------------------------------
+  def rows(self) -> list[dict]:
+    """One row per task x method x seed with a chosen rate (whatever exists on disk)."""
+    from tpa_jax.study import scoring  # pylint: disable=import-outside-toplevel
+    rows = []
+    for task in self.tasks:
+      for method in self.methods:
+        rate = self.chosen_rate(task, method)
+        grid = {f'{c.learning_rate:g}': (self.trained(c) or {}).get('validation')
+                for c in self.grid(task, method)}
+        if rate is None:
+          continue
+        flops = scoring.flops_ratio(self, task, method)
+        for seed in self.seeds:
+          cell = Cell(task, method, rate, seed)
+          trained = self.trained(cell)
+          if trained is None:
+            continue
+          row = {k: trained.get(k) for k in ('task', 'method', 'seed', 'learning_rate',
+                                             'metric', 'trainable_params', 'total_params',
+                                             'trainable_fraction', 'validation', 'best_step')}
+          row['learning_rate_grid'] = grid
+          row['step_flops_vs_full'] = flops
+          scored = self.scored(cell) or {}
+          status = trained['status'] if trained['status'] != 'ok' else scored.get(
+              'status', 'not scored')
+          row.update(test=scored.get('test'), best_path_test=scored.get('best_path_test'),
+                     cer_test=scored.get('cer_test'), status=status,
+                     seconds={**trained.get('seconds', {}),
+                              'test': scored.get('seconds')},
+                     folder=cell.folder)
+          if 'pruning' in scored:
+            row['pruning'] = scored['pruning']
+          rows.append(row)
+    return rows
+
+  def write_report(self) -> list[dict]:
+    rows = self.rows()
+    write_json(os.path.join(self.workdir, 'study.json'), rows)
+    report.write(rows, self.workdir, self.config)
+    return rows
+
+
+def _duration(seconds: float) -> str:
+  m, s = divmod(int(round(seconds)), 60)
+  h, m = divmod(m, 60)
+  return f'{h}h{m:02d}m' if h else (f'{m}m{s:02d}s' if m else f'{s}s')

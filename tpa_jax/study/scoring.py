@@ -1,0 +1,98 @@
+"""Scoring a study cell: test once, with the state of its best validation step; the pruning
+curve without retraining; the step's FLOPs against full fine-tuning's."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from absl import logging
+
+from tpa_jax import checkpoint
+from tpa_jax.errors import CheckpointError
+from tpa_jax.nn import adapters as adapters_lib
+
+
+def best_state(trainer, folder: str):
+  """(step, state) of the run's best validation step, checked against its history."""
+  with open(os.path.join(folder, 'validation.json')) as f:
+    best_step = json.load(f)['best_step']
+  reader = checkpoint.RunCheckpointer(os.path.join(folder, 'best'), async_save=False,
+                                      read_only=True)
+  try:
+    restored = reader.restore_latest(trainer.state)
+  finally:
+    reader.close()
+  if restored is None or restored[0] != best_step:
+    raise CheckpointError(f'{folder}/best holds step {restored and restored[0]}, but the best '
+                          f'validation step is {best_step}')
+  return restored[0], restored[1]
+
+
+def score(config: ml_collections.ConfigDict, folder: str, mesh, *, pruning: bool) -> dict:
+  """Test scores of the run in `folder` at its best validation step; with `pruning`, also with
+  its adapters removed from the lowest k blocks, k = 0 .. N (no retraining)."""
+  from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
+  from tpa_jax.infer import evaluate  # pylint: disable=import-outside-toplevel
+  from tpa_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(config.to_dict())
+  split = 'test'
+  data, tokenizer = datasets.open_for_config(config, folder, mesh)
+  trainer = trainer_lib.from_config(config, mesh)
+  step, trainer.state = best_state(trainer, folder)
+  model = trainer.model()
+
+  def test(m) -> dict:
+    r = evaluate.evaluate_speech(config, m, trainer.featurizer, mesh, data, tokenizer, split)
+    if config.head.kind == 'ctc':
+      return {'test': r['wer'], 'cer_test': r['cer'],
+              'best_path_test': r.get('greedy_wer', r['wer']),
+              'num_utterances': r['num_utterances']}
+    return {'test': r['accuracy'], 'num_utterances': r['num_utterances']}
+
+  out = {'step': step, **test(model)}
+  if pruning:
+    blocks = model.encoder.adapter_blocks
+    curve = []
+    for k in range(len(blocks) + 1):
+      result = out if k == 0 else test(adapters_lib.without_blocks(model, blocks[:k]))
+      curve.append({'removed_lowest': k, 'test': result['test'],
+                    **({'best_path_test': result['best_path_test']}
+                       if 'best_path_test' in result else {})})
+      logging.info('adapters removed from the lowest %d blocks: test %.4f', k, result['test'])
+    out['pruning'] = curve
+  return out
+
+
+def flops_ratio(study, task, method: str) -> float | None:
+  """FLOPs of one training step of `method` over full fine-tuning's on the same batch (counted
+  on the jaxpr, every scanned layer included), cached in `<workdir>/flops.json`."""
+  from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
+  from tpa_jax.plan import costs  # pylint: disable=import-outside-toplevel
+  from tpa_jax.study.cells import Cell  # pylint: disable=import-outside-toplevel
+  from tpa_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  path = os.path.join(study.workdir, 'flops.json')
+  cache = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      cache = json.load(f)
+  key = f'{task.short}/{method}'
+  if key in cache or study.mesh is None:
+    return cache.get(key)
+
+  def flops(name: str) -> float:
+    config = study.run_config(Cell(task, name, study.rates[0], 0))
+    config.base.path = ''
+    data, tokenizer = datasets.open_for_config(config, study.workdir, study.mesh)
+    batch = next(iter(data.train_loader(tokenizer, seed=0, num_batches=1)))
+    shapes = trainer_lib.from_config(config, study.mesh, abstract=True)
+    with jax.set_mesh(study.mesh):
+      return costs.jaxpr_flops(shapes.step_fn, shapes.state, shapes.frozen, shapes.rest, batch)
+
+  cache[key] = round(flops(method) / flops('full'), 4)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(cache, f, indent=1)
+  os.replace(path + '.tmp', path)
+  return cache[key]
