@@ -5,10 +5,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
+# The study's workdir and variant (configs/study.py:VARIANT; '' is the default comparison).
+STUDY_WORKDIR ?= runs/study
+VARIANT ?=
 # Test processes in parallel (each simulates 4 CPU devices).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test bench install clean
+.PHONY: demo study test bench install clean
 
 # uv installs the same packages from PyPI in about a quarter of pip's time (measured here: 22 s
 # against ~100 s for this step), which counts against `make demo`'s time.
@@ -30,6 +33,12 @@ install: $(VENV)/.installed-parity
 
 demo: $(VENV)/.installed
 	$(PY) launch/demo.py --config=configs/demo.py --workdir=$(WORKDIR)
+
+# The paper's study over the demo's base (pre-trained once and cached, or reused from
+# $(WORKDIR) when `make demo` has run): `make study VARIANT=quick` for a first look.
+study: $(VENV)/.installed
+	$(PY) launch/study.py --config=configs/study.py$(if $(VARIANT),:$(VARIANT)) \
+		--workdir=$(STUDY_WORKDIR)$(if $(VARIANT),-$(VARIANT)) --config.study.base_workdir=$(WORKDIR)
 
 test: $(VENV)/.installed-parity
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests

@@ -48,11 +48,15 @@ def study_fields(num_blocks: int) -> ml_collections.ConfigDict:
   # Learning-rate grid: every method and task trains its first seed at each; the rate with the
   # best validation score is chosen for that method and task.
   s.learning_rates = '3e-3,1e-2'
+  # Which task's validation chooses each method's rate: 'first' (the first task's, used for
+  # every task: a grid run per rate and method) or 'each' (every task its own: a grid run per
+  # rate, method and task).
+  s.rate_selection = 'first'
   # Budget of every run: steps, warmup (then cosine decay to 0), validation every this many
-  # steps (the best step is kept and scored on test).
+  # steps (the best step is kept and scored on test). A validation pass costs about 40 steps.
   s.num_steps = 250
   s.warmup_steps = 50
-  s.eval_every_steps = 50
+  s.eval_every_steps = 125
   # TPA's bottleneck (and the adapters' of the other placements).
   s.bottleneck = 32
   # LoRA's rank and alpha (updates scaled by alpha / rank). Rank 5 on q, k, v, out and both
@@ -60,8 +64,9 @@ def study_fields(num_blocks: int) -> ml_collections.ConfigDict:
   s.lora_rank = 5
   s.lora_alpha = 10.0
   # TPA runs of the first this many seeds are also scored with their adapters removed from the
-  # lowest k blocks, k = 0 .. num_blocks (no retraining).
-  s.pruning_seeds = 3
+  # lowest (and from the highest) k blocks, k = 0 .. num_blocks, without retraining: 2 x 6
+  # test passes of the lexicon decoder per ASR run at the demo's size.
+  s.pruning_seeds = 1
   # Where `make demo` cached its base and corpus (reused when they fit this config).
   s.base_workdir = 'runs/demo'
   # scale: model shapes of the bases compared ('' : this config's model only).
@@ -104,7 +109,7 @@ def get_config(arg=None):
     s.seeds = 1
     s.pruning_seeds = 1
     s.learning_rates = '3e-3'
-    s.num_steps = 6
+    s.num_steps = 12
     s.warmup_steps = 2
     s.eval_every_steps = 3
     s.bottleneck = 8

@@ -164,7 +164,7 @@ def test_run_refuses_a_local_workdir_on_a_multi_host_slice(gcloud):
 
 def test_run_rejects_an_unknown_program(gcloud):
   result, _ = gcloud('run.sh', TPU_NAME='s1', PROGRAM='plan', FOLLOW='0')
-  assert result.returncode == 2 and 'PROGRAM=plan; accepted: train, evaluate' in result.stderr
+  assert result.returncode == 2 and 'PROGRAM=plan; accepted: train, evaluate, study' in result.stderr
 
 
 def test_logs_stop_and_delete(gcloud):

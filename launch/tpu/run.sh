@@ -21,8 +21,8 @@ maybe_usage "$@"
 require TPU_NAME TPU_PROJECT TPU_ZONE CONFIG PROGRAM RUN_NAME WORKDIR REMOTE_DIR LOG_DIR
 
 case "$PROGRAM" in
-  train | evaluate) ;;
-  *) echo "error: PROGRAM=$PROGRAM; accepted: train, evaluate" >&2; exit 2 ;;
+  train | evaluate | study) ;;
+  *) echo "error: PROGRAM=$PROGRAM; accepted: train, evaluate, study" >&2; exit 2 ;;
 esac
 workers=$(num_workers)
 if [[ "$workers" -gt 1 && -z "$BUCKET" && "$WORKDIR" != /* ]]; then

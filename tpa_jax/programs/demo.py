@@ -48,18 +48,20 @@ def stage_config(config: ml_collections.ConfigDict, stage: ml_collections.Config
   return c
 
 
-# Fields of a pre-training stage's config that do not change the weights it trains: how it is
-# logged, checkpointed, evaluated and decoded, and what the other stages do.
-_NOT_THE_BASE = ('demo', 'decoding', 'checkpoint', 'base', 'train.log_every_steps',
-                 'data.eval_split', 'data.eval_batch_size', 'data.num_threads', 'data.data_dir',
-                 'data.domains_file')
+# The sections of a pre-training stage's config that determine the weights it trains, and the
+# fields inside them that do not (how it is logged, evaluated, stored and read).
+_THE_BASE = ('seed', 'model', 'adapter', 'head', 'train', 'optim', 'data', 'features',
+             'tokenizer', 'mesh')
+_NOT_THE_BASE = ('train.log_every_steps', 'train.eval_every_steps', 'train.validation_decoding',
+                 'data.eval_split', 'data.validation_split', 'data.eval_batch_size',
+                 'data.num_threads', 'data.data_dir', 'data.domains_file', 'tokenizer.dir')
 
 
 def fingerprint(config: ml_collections.ConfigDict, tokenizer, *, dataset_description=None) -> str:
   """The cache key of a pre-trained base: what determines its weights (the model, features,
   data order, steps and optimizer of its stage, its tokenizer and its training domain), and
   nothing else, so adapting differently or decoding differently reuses the cached base."""
-  c = config.to_dict()
+  c = {k: v for k, v in config.to_dict().items() if k in _THE_BASE}
   for path in _NOT_THE_BASE:
     *parents, leaf = path.split('.')
     node = c

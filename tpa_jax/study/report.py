@@ -43,12 +43,13 @@ def table(rows: list[dict], config: ml_collections.ConfigDict | None = None) -> 
   tasks = list(dict.fromkeys(r['task'] for r in rows))
   methods = list(dict.fromkeys(r['method'] for r in rows))
   metric = {r['task']: r['metric'] for r in rows}
-  head = ['method', 'trainable', 'step FLOPs vs full'] + [
+  head = ['method', f"trainable ({tasks[0].split('/')[-1]})", 'step FLOPs vs full'] + [
       f"{t.split('/')[-1]} ({'WER %, lower' if metric[t] == 'wer' else 'accuracy %, higher'} "
       'is better)' for t in tasks]
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for method in methods:
-    any_row = next(r for r in rows if r['method'] == method)
+    mine = [r for r in rows if r['method'] == method]
+    any_row = next((r for r in mine if r['task'] == tasks[0]), mine[0])
     share = any_row.get('trainable_fraction')
     flops = any_row.get('step_flops_vs_full')
     cells = [method,
@@ -91,23 +92,31 @@ def table(rows: list[dict], config: ml_collections.ConfigDict | None = None) -> 
   return '\n'.join(text)
 
 
-def pruning_table(rows: list[dict]) -> list[str]:
-  """TPA's test score with adapters removed from the lowest k blocks (mean over seeds)."""
+def _curves(rows: list[dict], key: str, field: str) -> dict:
+  """task -> {k: [test score per seed]} of a pruning curve (`key` of the rows)."""
   curves = {}
   for r in rows:
-    if r.get('pruning'):
-      for point in r['pruning']:
-        curves.setdefault(r['task'], {}).setdefault(point['removed_lowest'], []).append(
-            point['test'])
-  if not curves:
+    for point in r.get(key) or ():
+      curves.setdefault(r['task'], {}).setdefault(point[field], []).append(point['test'])
+  return curves
+
+
+def pruning_table(rows: list[dict]) -> list[str]:
+  """TPA's test score with adapters removed from the lowest (and highest) k blocks, without
+  retraining, mean over seeds."""
+  lowest = _curves(rows, 'pruning', 'removed_lowest')
+  highest = _curves(rows, 'pruning_from_top', 'removed_highest')
+  if not lowest:
     return []
-  ks = sorted({k for c in curves.values() for k in c})
-  lines = ['TPA trained on every block, then its adapters removed from the lowest k blocks '
-           '(no retraining; test, mean over seeds):', '',
-           '| task | ' + ' | '.join(f'k={k}' for k in ks) + ' |', '|---|' + '---|' * len(ks)]
-  for task, curve in curves.items():
-    lines.append(f"| {task.split('/')[-1]} | " + ' | '.join(
-        _percent(statistics.fmean(curve[k])) if k in curve else '-' for k in ks) + ' |')
+  ks = sorted({k for c in lowest.values() for k in c})
+  lines = ['TPA trained on every block, then its adapters removed from the lowest (or the '
+           'highest) k blocks, without retraining (test, mean over seeds):', '',
+           '| task | removed from | ' + ' | '.join(f'k={k}' for k in ks) + ' |',
+           '|---|---|' + '---|' * len(ks)]
+  for name, curves in (('lowest', lowest), ('highest', highest)):
+    for task, curve in curves.items():
+      lines.append(f"| {task.split('/')[-1]} | {name} | " + ' | '.join(
+          _percent(statistics.fmean(curve[k])) if k in curve else '-' for k in ks) + ' |')
   return lines + ['']
 
 
@@ -128,7 +137,8 @@ def plots(rows: list[dict], workdir: str) -> None:
   summary = summarize(rows)
   tasks = list(dict.fromkeys(r['task'] for r in rows))
   metric = {r['task']: r['metric'] for r in rows}
-  params = {r['method']: r['trainable_params'] for r in rows if r.get('trainable_params')}
+  params = {(r['task'], r['method']): r['trainable_params'] for r in rows
+            if r.get('trainable_params')}
 
   def ylabel(task):
     return 'test WER %' if metric[task] == 'wer' else 'test accuracy %'
@@ -136,11 +146,12 @@ def plots(rows: list[dict], workdir: str) -> None:
   fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
   for ax, task in zip(axes[0], tasks):
     for (t, method), s in summary.items():
-      if t != task or s['mean'] is None or method not in params:
+      if t != task or s['mean'] is None or (t, method) not in params:
         continue
-      ax.errorbar(params[method], 100 * s['mean'], yerr=100 * s['std'], fmt='o', capsize=3)
-      ax.annotate(method, (params[method], 100 * s['mean']), fontsize=7,
-                  xytext=(3, 3), textcoords='offset points')
+      n = params[(t, method)]
+      ax.errorbar(n, 100 * s['mean'], yerr=100 * s['std'], fmt='o', capsize=3)
+      ax.annotate(method, (n, 100 * s['mean']), fontsize=7, xytext=(3, 3),
+                  textcoords='offset points')
     ax.set(title=task.split('/')[-1], xlabel='trainable parameters', ylabel=ylabel(task),
            xscale='log')
     ax.grid(alpha=0.3)
@@ -150,10 +161,8 @@ def plots(rows: list[dict], workdir: str) -> None:
 
   top = {(t, int(m.group(1))): s for (t, name), s in summary.items()
          if (m := re.fullmatch(r'tpa_top(\d+)', name)) and s['mean'] is not None}
-  removed = {}
-  for r in rows:
-    for p in r.get('pruning') or ():
-      removed.setdefault(r['task'], {}).setdefault(p['removed_lowest'], []).append(p['test'])
+  removed = _curves(rows, 'pruning', 'removed_lowest')
+  removed_top = _curves(rows, 'pruning_from_top', 'removed_highest')
   if top or removed:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -165,8 +174,13 @@ def plots(rows: list[dict], workdir: str) -> None:
         num = max(removed[task])
         pts = sorted((num - k, statistics.fmean(v)) for k, v in removed[task].items())
         ax.plot([k for k, _ in pts], [100 * v for _, v in pts], 's--',
-                label='trained on all, removed from the lowest N-k')
-      ax.set(title=task.split('/')[-1], xlabel='k: blocks that keep adapters (the top ones)',
+                label='trained on all; kept on the top k (removed from the lowest)')
+      if task in removed_top:
+        num = max(removed_top[task])
+        pts = sorted((num - k, statistics.fmean(v)) for k, v in removed_top[task].items())
+        ax.plot([k for k, _ in pts], [100 * v for _, v in pts], '^:',
+                label='trained on all; kept on the lowest k (removed from the top)')
+      ax.set(title=task.split('/')[-1], xlabel='k: blocks that keep adapters',
              ylabel=ylabel(task))
       ax.grid(alpha=0.3)
       ax.legend(fontsize=7)

@@ -33,7 +33,8 @@ def best_state(trainer, folder: str):
 
 def score(config: ml_collections.ConfigDict, folder: str, mesh, *, pruning: bool) -> dict:
   """Test scores of the run in `folder` at its best validation step; with `pruning`, also with
-  its adapters removed from the lowest k blocks, k = 0 .. N (no retraining)."""
+  its adapters removed from the lowest k blocks, k = 0 .. N, and from the highest k (no
+  retraining): which end of the encoder the adapters matter at."""
   from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
   from tpa_jax.infer import evaluate  # pylint: disable=import-outside-toplevel
   from tpa_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
@@ -55,14 +56,21 @@ def score(config: ml_collections.ConfigDict, folder: str, mesh, *, pruning: bool
   out = {'step': step, **test(model)}
   if pruning:
     blocks = model.encoder.adapter_blocks
-    curve = []
-    for k in range(len(blocks) + 1):
-      result = out if k == 0 else test(adapters_lib.without_blocks(model, blocks[:k]))
-      curve.append({'removed_lowest': k, 'test': result['test'],
-                    **({'best_path_test': result['best_path_test']}
-                       if 'best_path_test' in result else {})})
-      logging.info('adapters removed from the lowest %d blocks: test %.4f', k, result['test'])
-    out['pruning'] = curve
+    scores = {(): out}  # removed blocks -> scores (removing all is the same from either end)
+
+    def point(removed) -> dict:
+      if removed not in scores:
+        scores[removed] = test(adapters_lib.without_blocks(model, removed))
+      r = scores[removed]
+      return {'test': r['test'], **({'best_path_test': r['best_path_test']}
+                                     if 'best_path_test' in r else {})}
+
+    n = len(blocks)
+    out['pruning'] = [{'removed_lowest': k, **point(tuple(blocks[:k]))} for k in range(n + 1)]
+    out['pruning_from_top'] = [{'removed_highest': k, **point(tuple(blocks[n - k:]))}
+                               for k in range(n + 1)]
+    logging.info('adapters removed from the lowest k blocks: %s; from the highest: %s',
+                 [p['test'] for p in out['pruning']], [p['test'] for p in out['pruning_from_top']])
   return out
 
 

@@ -1,0 +1,238 @@
+"""The study (launch/study.py), run as a user runs it: a tiny study end to end, re-run, killed
+mid-cell and resumed; the best validation step scores test; bad input; the fairness plumbing
+(one program for every learning rate; the demo base's cache key)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from tpa_jax import config as config_lib
+from tpa_jax.data import random_task
+from tpa_jax.errors import ConfigError, UserError
+from tpa_jax.programs import demo
+from tpa_jax.study import cells as cells_lib
+from tpa_jax.study import runner, scoring
+from tpa_jax.train import trainer as trainer_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW_FIELDS = ('task', 'method', 'seed', 'learning_rate', 'trainable_params', 'trainable_fraction',
+              'metric', 'validation', 'test', 'best_path_test', 'step_flops_vs_full', 'seconds',
+              'status')
+# Fields of a row that depend on how long things took, not on what was computed.
+TIMING = ('seconds',)
+
+
+def study(workdir, *flags, cache, wait=True):
+  """launch/study.py on the tiny config, one device (as a user runs it)."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  args = [sys.executable, 'launch/study.py', '--config=configs/study.py:tiny',
+          f'--workdir={workdir}', f'--config.study.compile_cache={cache}', *flags]
+  if not wait:
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def rows_of(workdir):
+  with open(os.path.join(workdir, 'study.json')) as f:
+    rows = json.load(f)
+  return sorted(({k: v for k, v in r.items() if k not in TIMING} for r in rows),
+                key=lambda r: (r['task'], r['method'], r['seed']))
+
+
+@pytest.fixture(scope='module')
+def tiny_study(tmp_path_factory):
+  """The tiny study (2 tasks x 3 methods x 1 seed), run once uninterrupted."""
+  root = tmp_path_factory.mktemp('study')
+  cache = str(root / 'jax_cache')
+  workdir = str(root / 'a')
+  result = study(workdir, cache=cache)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return root, workdir, cache, result
+
+
+def test_tiny_study_end_to_end_rerun_and_resume(tiny_study):
+  root, workdir, cache, first = tiny_study
+  rows = rows_of(workdir)
+  assert [(r['task'].split('/')[-1], r['method']) for r in rows] == [
+      (t, m) for t in ('lang_id_tiny', 'target_lang_tiny') for m in ('head', 'lora', 'tpa')]
+  for row in json.load(open(os.path.join(workdir, 'study.json'))):
+    for field in ROW_FIELDS:
+      assert field in row, field
+    assert row['status'] == 'ok', row['status']
+    assert row['metric'] == ('accuracy' if 'lang_id' in row['task'] else 'wer')
+    if row['metric'] == 'wer':
+      assert 0.0 <= row['best_path_test'] < 5.0
+    else:
+      assert 0.0 <= row['test'] <= 1.0
+    assert 0 < row['trainable_fraction'] < 0.2 and 0 < row['step_flops_vs_full'] < 1.0
+    assert {'total', 'compile', 'train_steps', 'validation', 'test'} <= set(row['seconds'])
+  tpa = [r for r in rows if r['method'] == 'tpa']
+  # TPA's no-retraining pruning curve: k = 0 .. 2 blocks removed, k = 0 is the test score.
+  assert all([p['removed_lowest'] for p in r['pruning']] == [0, 1, 2] and
+             r['pruning'][0]['test'] == r['test'] for r in tpa)
+  # ... and from the highest k: removing all of them is the same model from either end.
+  assert all([p['removed_highest'] for p in r['pruning_from_top']] == [0, 1, 2] and
+             r['pruning_from_top'][-1]['test'] == r['pruning'][-1]['test'] for r in tpa)
+  for name in ('study.md', 'pareto.png', 'pruning.png', 'study_config.json'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  table = open(os.path.join(workdir, 'study.md')).read()
+  assert '| tpa |' in table and '±' in table and '| lowest |' in table and '| highest |' in table
+  assert first.stdout.count('[study] ') == 6 and 'ETA' in first.stdout
+  # Validation every 3 steps, in the metrics file (and TensorBoard) of each cell.
+  cell = os.path.join(workdir, tpa[-1]['folder'])
+  logged = [json.loads(l) for l in open(os.path.join(cell, 'metrics.jsonl'))]
+  assert [l['step'] for l in logged if l.get('stage') == 'validation'] == [3, 6, 9, 12]
+  assert os.listdir(os.path.join(cell, 'tensorboard'))
+
+  # A re-run trains nothing: every cell's records stay as they were.
+  records = sorted(p for p in _walk(workdir) if p.endswith(('trained.json', 'test.json')))
+  stamps = {p: os.stat(p).st_mtime_ns for p in records}
+  again = study(workdir, cache=cache)
+  assert again.returncode == 0, again.stderr[-4000:]
+  assert {p: os.stat(p).st_mtime_ns for p in records} == stamps
+  assert '[train] step' not in again.stderr and 'validation at step' not in again.stderr
+  assert rows_of(workdir) == rows
+
+  # Killed in the middle of a cell (its step-3 checkpoint written), then run again: the same
+  # study.json as the uninterrupted run. It reuses the first study's base and corpus.
+  other = str(root / 'b')
+  flags = (f'--config.study.base_workdir={workdir}',
+           f'--config.data.data_dir={os.path.join(workdir, "data")}')
+  proc = study(other, *flags, cache=cache, wait=False)
+  victim = os.path.join(other, 'cells', 'lang_id_tiny', 'lora', 'lr=0.003', 'seed=0')
+  marker = os.path.join(victim, 'checkpoints', '3', 'commit_success.txt')
+  deadline = time.time() + 600
+  while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert os.path.exists(marker) and not os.path.exists(os.path.join(victim, 'trained.json'))
+  resumed = study(other, *flags, cache=cache)
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  assert 'resumed from step 3' in resumed.stderr
+  assert rows_of(other) == rows
+
+
+def _walk(root):
+  for folder, _, files in os.walk(root):
+    for name in files:
+      yield os.path.join(folder, name)
+
+
+def test_the_best_validation_step_is_the_one_that_scores_test(tiny_study, mesh1):
+  _, workdir, _, _ = tiny_study
+  config = config_lib.load_config_file('configs/study.py:tiny')
+  s = runner.Study(config, workdir)
+  s.mesh, s.data_dir = mesh1, os.path.join(workdir, 'data')
+  s.base_path = os.path.join(workdir, 'base', 'encoder')
+  task = next(t for t in s.tasks if t.head == 'ctc')
+  cell = cells_lib.Cell(task, 'tpa', s.rates[0], 0)
+  folder = s.folder(cell)
+  history = json.load(open(os.path.join(folder, 'validation.json')))
+  wers = [(h['wer'], h['cer']) for h in history['history']]
+  best_step = history['history'][wers.index(min(wers))]['step']
+  assert history['best_step'] == best_step
+  assert sorted(os.listdir(os.path.join(folder, 'best'))) == [str(best_step)]
+  recorded = json.load(open(os.path.join(folder, 'test.json')))
+  assert recorded['step'] == best_step
+  # Scoring that checkpoint again gives the recorded test score; the last step's differs in
+  # its state (the run went on training after its best step, or the best is the last).
+  again = scoring.score(s.run_config(cell), folder, mesh1, pruning=False)
+  assert again['step'] == best_step and again['test'] == recorded['test']
+  assert again['best_path_test'] == recorded['best_path_test']
+
+
+def test_bad_names_are_refused_before_anything_runs(tmp_path):
+  config = config_lib.load_config_file('configs/study.py:tiny')
+  for field, value, message in (
+      ('methods', 'head,tpa,nope', r"names 'nope': accepted methods are \('head', 'full'"),
+      ('methods', 'tpa_top9', r'k must be in \[1, 2\]'),
+      ('tasks', 'synthetic_speech/klingon', r"accepted synthetic_speech domains .*'lang_id_tiny'"),
+      ('tasks', 'mnist', r'accepted tasks are synthetic_speech/<domain>'),
+      ('tasks', 'synthetic_speech/lang_id_tiny:regression', r"one of \('ctc', 'classification'\)"),
+      ('learning_rates', '3e-3,-1', r'list of positive numbers')):
+    c = config_lib.load_config_file('configs/study.py:tiny')
+    c.study[field] = value
+    with pytest.raises(ConfigError, match=message):
+      runner.validate(c)
+  with pytest.raises(ValueError, match=r"one of \('quick', 'full', 'scale', 'tiny'\)"):
+    config_lib.load_config_file('configs/study.py:huge')
+  # The program: one message, status 1, nothing written.
+  result = study(str(tmp_path / 's'), '--config.study.methods=head,nope', cache=str(tmp_path))
+  assert result.returncode == 1 and "accepted methods are ('head'" in result.stderr
+  assert not os.path.exists(tmp_path / 's' / 'cells')
+
+  # A workdir holding a study of another config: refused, the differing fields named.
+  runner.check_workdir(config, str(tmp_path / 'w'))
+  changed = config_lib.load_config_file('configs/study.py:tiny')
+  changed.study.num_steps = 99
+  changed.optim.b2 = 0.9
+  with pytest.raises(UserError, match=r'another config: optim.b2: workdir 0.98, config 0.9; '
+                                      r'study.num_steps: workdir 12, config 99'):
+    runner.check_workdir(changed, str(tmp_path / 'w'))
+  changed = config_lib.load_config_file('configs/study.py:tiny')
+  changed.study.methods = 'tpa'  # running fewer methods (or more) is the same study
+  runner.check_workdir(changed, str(tmp_path / 'w'))
+
+
+def test_a_failed_cell_is_recorded_and_the_study_goes_on(tiny_study):
+  root, workdir, cache, _ = tiny_study
+  other = str(root / 'failing')
+  result = study(other, f'--config.study.base_workdir={workdir}',
+                 f'--config.data.data_dir={os.path.join(workdir, "data")}',
+                 '--config.study.learning_rates=1e30', '--config.study.methods=tpa,head',
+                 '--config.study.tasks=synthetic_speech/target_lang_tiny', cache=cache)
+  assert result.returncode == 0, result.stderr[-4000:]
+  rows = json.load(open(os.path.join(other, 'study.json')))
+  assert [r['method'] for r in rows] == ['tpa', 'head']  # the second ran after the first failed
+  assert all(r['status'].startswith('FloatingPointError: non-finite loss') for r in rows)
+  assert '**1 failed**' in open(os.path.join(other, 'study.md')).read()
+
+
+def test_learning_rates_share_one_program_and_the_schedule_is_kept(mesh1):
+  """The peak rate is optimizer state: a learning-rate grid compiles one program, and the step
+  reports the configured schedule."""
+  def lowered(rate):
+    config = tiny_config('tpa', **{'optim.learning_rate': rate, 'optim.warmup_steps': 2})
+    trainer = trainer_lib.from_config(config, mesh1)
+    batch = random_task.random_batch(config, np.random.default_rng(0), 4)
+    return trainer, batch, trainer.lower(batch).as_text()
+  trainer, batch, text = lowered(3e-3)
+  assert lowered(1e-2)[2] == text
+  rates = [float(trainer.step(batch)['learning_rate']) for _ in range(3)]
+  np.testing.assert_allclose(rates, [0.0, 1.5e-3, 3e-3], rtol=1e-6)
+
+
+def test_the_demo_base_cache_key_covers_only_what_determines_the_base():
+  class Tokenizer:
+    def serialize(self):
+      return b'abc'
+
+  def key(**overrides):
+    c = config_lib.load_config_file('configs/demo.py')
+    for path, value in overrides.items():
+      *parents, leaf = path.split('.')
+      node = c
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+    stage = demo.stage_config(c, c.demo.pretrain, dataset=c.demo.source, vocab_size=30)
+    return demo.fingerprint(stage, Tokenizer(), dataset_description='source 1.1.0')
+  base = key()
+  for same in ({'demo.adapt.method': 'head'}, {'demo.adapt.num_steps': 9},
+               {'decoding.beta': 0.0}, {'train.log_every_steps': 1},
+               {'data.eval_batch_size': 3}, {'checkpoint.keep': 9}):
+    assert key(**same) == base, same
+  for other in ({'model.dim': 96}, {'demo.pretrain.num_steps': 10},
+                {'demo.pretrain.learning_rate': 1e-3}, {'seed': 1},
+                {'data.batch_seconds': 8.0}, {'features.num_mels': 64}):
+    assert key(**other) != base, other
