@@ -107,7 +107,7 @@ class Study:
     # Every task's corpus, tokenizer and split indexes, once (workers then only read them).
     from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
     for task in self.tasks:
-      config = self.run_config(self.grid(task, self.methods[0])[0])
+      config = self.run_config(Cell(task, self.methods[0], self.rates[0], self.seeds[0]))
       data, tokenizer = datasets.open_for_config(config, self.workdir, self.mesh)
       data.index(config.data.train_split, tokenizer)
       for split in (config.data.validation_split, 'test'):
