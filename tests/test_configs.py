@@ -111,7 +111,7 @@ def test_tiny_configs_instantiate_and_run_a_forward_pass(mesh1, param_counts):
 @pytest.mark.parametrize('arg,message', [
     ('model=3b',
      r"model='3b': accepted presets are \('tiny', 'demo', 'bench', '600m', '2b', '8b'\)"),
-    ('method=lora', r"method='lora': accepted methods are \('full', 'head', 'tpa'"),
+    ('method=prefix', r"method='prefix': accepted methods are \('full', 'head', 'tpa'"),
     ('size=2b', r"unknown config argument\(s\) \['size'\].*accepted: \('model', 'method'"),
     ('model=2b,blocks=30:40', r"adapter.blocks='30:40' lies outside a model of 32 blocks"),
     ('method=full,blocks=4:8', r"method='full' has none; accepted with: \('tpa'"),

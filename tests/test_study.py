@@ -189,7 +189,7 @@ def test_a_failed_cell_is_recorded_and_the_study_goes_on(tiny_study):
   other = str(root / 'failing')
   result = study(other, f'--config.study.base_workdir={workdir}',
                  f'--config.data.data_dir={os.path.join(workdir, "data")}',
-                 '--config.study.learning_rates=1e30', '--config.study.methods=tpa,head',
+                 '--config.study.learning_rates=inf', '--config.study.methods=tpa,head',
                  '--config.study.tasks=synthetic_speech/target_lang_tiny', cache=cache)
   assert result.returncode == 0, result.stderr[-4000:]
   rows = json.load(open(os.path.join(other, 'study.json')))
