@@ -90,7 +90,7 @@ def adapt_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model = args.get('model', 'tiny')
   if model not in MODEL_PRESETS:
     raise ValueError(f'model={model!r}: accepted presets are {tuple(MODEL_PRESETS)}')
-  c.model.update_from_flattened_dict(_flatten(MODEL_PRESETS[model]))
+  c.model.update_from_flattened_dict(flatten(MODEL_PRESETS[model]))
   method = args.get('method', 'tpa')
   apply_method(c, method)
   if ('blocks' in args or 'bottleneck' in args) and c.adapter.placement == 'none':
@@ -160,11 +160,12 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
   c.train.trainable = METHODS[method]['trainable']
 
 
-def _flatten(d: dict, prefix: str = '') -> dict:
+def flatten(d: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
+      out.update(flatten(v, f'{prefix}{k}.'))
     else:
       out[f'{prefix}{k}'] = v
   return out

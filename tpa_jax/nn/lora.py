@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpa_jax.errors import ConfigError
-from tpa_jax.nn.layers import Dense, adapted  # noqa: F401 (the blocks' hook, re-exported)
+from tpa_jax.nn.layers import Dense
 from tpa_jax.nn.params import LoRAParam
 
 # target -> (module path inside a ConformerBlock, projection names) it adapts.

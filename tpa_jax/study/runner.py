@@ -7,7 +7,7 @@ method; the other seeds train at that rate. Test is scored once per chosen run, 
 of its best validation step. A TPA run at the chosen rate is also scored with its adapters
 removed from the lowest k blocks, k = 0 .. N, without retraining (the pruning curve).
 
-A finished cell leaves `cell.json` in its folder; a re-run skips it, and a killed cell resumes
+A finished cell leaves `trained.json` (and, when scored, `test.json`) in its folder; a re-run skips it, and a killed cell resumes
 from its run checkpoint. `cells` (glob patterns over cell names such as `target_lang/tpa/*`)
 selects a subset, so machines sharing one workdir can split a study.
 """
@@ -27,6 +27,7 @@ from absl import logging
 
 from tpa_jax import checkpoint, sharding
 from tpa_jax.errors import ConfigError, UserError
+from tpa_jax.config.presets import flatten
 from tpa_jax.study import cells as cells_lib
 from tpa_jax.study import report
 from tpa_jax.study.cells import Cell, Task
@@ -40,24 +41,14 @@ _FREE_FIELDS = ('study.methods', 'study.tasks', 'study.seeds', 'study.base_workd
                 'data.eval_batch_size')
 
 
-def _flat(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Records the study's config in `workdir/study_config.json`; refuses a workdir holding a
   study of another config, naming the differing fields."""
   path = os.path.join(workdir, 'study_config.json')
-  current = _flat(json.loads(config.to_json()))
+  current = flatten(json.loads(config.to_json()))
   if os.path.exists(path):
     with open(path) as f:
-      saved = _flat(json.load(f))
+      saved = flatten(json.load(f))
     keys = sorted(k for k in set(saved) | set(current)
                   if k not in _FREE_FIELDS and saved.get(k) != current.get(k))
     if keys:
@@ -145,11 +136,8 @@ class Study:
     return min(scores, key=lambda lr: (scores[lr] if lower else -scores[lr]))
 
   def trained(self, cell: Cell) -> dict | None:
-    path = os.path.join(self.folder(cell), 'trained.json')
-    if not os.path.exists(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
+    """The training record of `cell` (None until it has trained)."""
+    return _record(os.path.join(self.folder(cell), 'trained.json'))
 
   def pairs(self, share: tuple[int, int] = (0, 1)) -> list[tuple[Task, str]]:
     """The (task, method) pairs of worker `share[0]` of `share[1]`, in run order. A method's
@@ -193,7 +181,7 @@ class Study:
     check_workdir(self.config, self.workdir)
     self.prepare()
     todo = [(c, t) for c, t in self.plan(share) if self.selected(c, list(patterns))]
-    start, done_seconds, finished = time.perf_counter(), [], 0
+    start, done_seconds = time.perf_counter(), []
     for i, (cell, _) in enumerate(todo):
       if cell.learning_rate is None:
         rate = self.chosen_rate(cell.task, cell.method)
@@ -211,7 +199,6 @@ class Study:
           ran |= self.score_cell(Cell(cell.task, cell.method, rate, cell.seed))
       else:
         ran |= self.score_cell(cell)
-      finished += 1
       if ran:
         done_seconds.append(time.perf_counter() - t0)
       left = len(todo) - i - 1
@@ -373,11 +360,8 @@ class Study:
     return out
 
   def scored(self, cell: Cell) -> dict | None:
-    path = os.path.join(self.folder(cell), 'test.json')
-    if not os.path.exists(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
+    """The test record of `cell` (None until it is scored)."""
+    return _record(os.path.join(self.folder(cell), 'test.json'))
 
   def score_cell(self, cell: Cell) -> bool:
     """Scores test once with the best validation step's state (and the pruning curve of TPA
@@ -443,6 +427,13 @@ class Study:
     write_json(os.path.join(self.workdir, 'study.json'), rows)
     report.write(rows, self.workdir, self.config)
     return rows
+
+
+def _record(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def _grid_entry(record: dict | None):
