@@ -24,8 +24,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/study.py',
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/study', 'Directory of the study.')
 _CELLS = flags.DEFINE_list('cells', [], 'Glob patterns over task/method/seed=N: run only these.')
 _REPORT = flags.DEFINE_bool('report', False, 'Only rebuild study.json, study.md and the plots.')
-_WORKER = flags.DEFINE_string('worker', '', 'i/n: run the share of worker i of n (set by the '
-                              'study for its worker processes).')
+_WORKER = flags.DEFINE_string('worker', '', 'Internal (set by the study for its worker '
+                              'processes): the folder where they claim cells.')
 
 
 def main(argv):

@@ -4,6 +4,7 @@ mid-cell and resumed; the best validation step scores test; bad input; the fairn
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,10 +117,18 @@ def test_tiny_study_end_to_end_rerun_and_resume(tiny_study):
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
   assert os.path.exists(marker) and not os.path.exists(os.path.join(victim, 'trained.json'))
-  resumed = study(other, *flags, cache=cache)
+  # Resumed by two worker processes taking cells from one queue (the killed cell among them).
+  resumed = study(other, *flags, '--config.study.workers=2', cache=cache)
   assert resumed.returncode == 0, resumed.stderr[-4000:]
-  assert 'resumed from step 3' in resumed.stderr
-  assert rows_of(other) == rows
+  logs = [open(os.path.join(other, f'worker-{i}.log')).read() for i in range(2)]
+  assert sum('resumed from step 3' in log for log in logs) == 1
+  taken = [re.findall(r'\[study\] \d+/\d+ (\S+):', log) for log in logs]
+  # Each cell left was taken by exactly one worker: the killed one and the two after it.
+  assert sorted(taken[0] + taken[1]) == sorted(
+      f'{t}/{m}/lr=0.003/seed=0' for t, m in
+      (('lang_id_tiny', 'lora'), ('target_lang_tiny', 'head'), ('lang_id_tiny', 'head')))
+  assert resumed.stdout.count('[study] ') == 6 and rows_of(other) == rows
+  assert not os.listdir(os.path.join(other, 'claims'))  # the launch's claims are cleared
 
 
 def _walk(root):

@@ -39,7 +39,7 @@ def scale_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections
 def main(config: ml_collections.ConfigDict, workdir: str, *, cells=(),
          report_only: bool = False, argv: list[str] = (), worker: str = '') -> list[dict]:
   """Runs (or, with `report_only`, reports) the study of `config` in `workdir`: in
-  `study.workers` processes (this program's `argv` again, with `--worker=i/n`), or here."""
+  `study.workers` processes (this program's `argv` again, with `--worker=CLAIMS_FOLDER`), or here."""
   # Identical programs compile once across cells: seeds and learning rates share programs (the
   # peak rate is optimizer state), and JAX's persistent cache keeps them across processes.
   import jax  # pylint: disable=import-outside-toplevel
@@ -72,9 +72,8 @@ def _one(config, workdir, cells, report_only, argv, worker) -> list[dict]:
   study = Study(config, workdir)
   if report_only:
     return study.write_report()
-  if worker:
-    index, count = (int(x) for x in worker.split('/'))
-    return study.run(list(cells), share=(index, count), report=False)
+  if worker:  # one of the launch's worker processes; `worker` is their claims folder
+    return study.run(list(cells), claims=worker, report=False)
   if int(config.study.workers) > 1:
     return study.run_workers(list(argv), list(cells))
   return study.run(list(cells))

@@ -18,6 +18,8 @@ import fnmatch
 import json
 import math
 import os
+import shutil
+import socket
 import time
 import traceback
 
@@ -139,33 +141,18 @@ class Study:
     """The training record of `cell` (None until it has trained)."""
     return _record(os.path.join(self.folder(cell), 'trained.json'))
 
-  def pairs(self, share: tuple[int, int] = (0, 1)) -> list[tuple[Task, str]]:
-    """The (task, method) pairs of worker `share[0]` of `share[1]`, in run order. A method's
-    runs stay in one worker (its runs need its learning-rate grid); methods go to the least
-    loaded worker, costliest first."""
-    index, count = share
-    methods = self.methods
-    if count > 1:
-      weight = {'full': 2.0, 'head': 0.6}
-      loads, mine = [0.0] * count, []
-      for method in sorted(methods, key=lambda m: -weight.get(m, 1.0)):
-        w = loads.index(min(loads))
-        loads[w] += weight.get(method, 1.0)
-        if w == index:
-          mine.append(method)
-      methods = [m for m in methods if m in mine]
-    return [(t, m) for m in methods for t in self.tasks]
-
-  def plan(self, share: tuple[int, int] = (0, 1)) -> list[tuple[Cell, bool]]:
-    """Every (cell, scored on test?) in run order: a method's grid first, then its other runs
-    at the chosen rate."""
+  def plan(self) -> list[tuple[Cell, bool]]:
+    """Every (cell, scored on test?) in run order: costliest methods first (so that workers
+    taking cells in this order end together), each method's grid before its other runs at the
+    chosen rate."""
     out = []
-    for task, method in self.pairs(share):
-      grid = self.grid(task, method)
-      if grid[0].task == task:
-        out += [(cell, None) for cell in grid]  # test only if its rate is chosen
-      seeds = self.seeds[1:] if grid[0].task == task else self.seeds
-      out += [(Cell(task, method, None, seed), True) for seed in seeds]
+    for method in sorted(self.methods, key=lambda m: -_WEIGHT.get(m, 1.0)):
+      for task in self.tasks:
+        grid = self.grid(task, method)
+        if grid[0].task == task:
+          out += [(cell, None) for cell in grid]  # test only if its rate is chosen
+        seeds = self.seeds[1:] if grid[0].task == task else self.seeds
+        out += [(Cell(task, method, None, seed), True) for seed in seeds]
     return out
 
   @staticmethod
@@ -174,46 +161,68 @@ class Study:
     name = f'{cell.task.short}/{cell.method}/seed={cell.seed}'
     return not patterns or any(fnmatch.fnmatch(name, p) for p in patterns)
 
-  def run(self, patterns: list[str] = (), share: tuple[int, int] = (0, 1),
-          report: bool = True) -> list[dict]:
-    """Runs every selected cell not yet finished (of worker `share`); returns the rows of
-    `study.json` (written with the report when `report`)."""
+  def run(self, patterns: list[str] = (), claims: str = '', report: bool = True) -> list[dict]:
+    """Runs every selected cell not yet finished; returns the rows of `study.json` (written
+    with the report when `report`). With `claims` (a folder shared by the workers of one
+    launch), this process is one of several: it takes the next cell in plan order that no
+    other has claimed, so the workers stay busy until the study ends."""
     check_workdir(self.config, self.workdir)
     self.prepare()
-    todo = [(c, t) for c, t in self.plan(share) if self.selected(c, list(patterns))]
-    start, done_seconds = time.perf_counter(), []
-    for i, (cell, _) in enumerate(todo):
-      if cell.learning_rate is None:
-        rate = self.chosen_rate(cell.task, cell.method)
-        if rate is None:
-          logging.warning('skipping %s/%s seed %d: the learning-rate grid (seed %d) is not '
-                          'finished (run its cells first)', cell.task.short, cell.method,
-                          cell.seed, self.seeds[0])
-          continue
-        cell = Cell(cell.task, cell.method, rate, cell.seed)
+    todo = [c for c, _ in self.plan()
+            if self.selected(c, list(patterns)) and not self._finished(c)]
+    total, count, start, done_seconds = len(todo), 0, time.perf_counter(), []
+    while todo:
+      cell = self._next(todo, claims)
+      if cell is None:  # the rest waits for learning-rate grids that other workers train
+        time.sleep(2.0)
+        continue
       t0 = time.perf_counter()
       ran = self.run_cell(cell)
       if cell in self.grid(cell.task, cell.method):  # test once the grid has chosen
         rate = self.chosen_rate(cell.task, cell.method)
-        if rate is not None:
-          ran |= self.score_cell(Cell(cell.task, cell.method, rate, cell.seed))
+        chosen = Cell(cell.task, cell.method, rate, cell.seed)
+        if rate is not None and _claim(claims, ('test', *self._key(chosen))):
+          ran |= self.score_cell(chosen)
       else:
         ran |= self.score_cell(cell)
       if ran:
         done_seconds.append(time.perf_counter() - t0)
-      left = len(todo) - i - 1
+      count += 1
       pace = sum(done_seconds) / len(done_seconds) if done_seconds else 0.0
-      logging.info('[study] %d/%d %s: %s | elapsed %s, ETA %s', i + 1, len(todo), cell.name,
-                   self.status_line(cell), _duration(time.perf_counter() - start),
-                   _duration(left * pace))
-      if share[1] == 1:
-        print(f'[study] {i + 1}/{len(todo)} {cell.name}: {self.status_line(cell)} | elapsed '
-              f'{_duration(time.perf_counter() - start)}, ETA {_duration(left * pace)}',
-              flush=True)
+      line = (f'[study] {count}/{total} {cell.name}: {self.status_line(cell)} | elapsed '
+              f'{_duration(time.perf_counter() - start)}, ETA {_duration(len(todo) * pace)}')
+      logging.info('%s', line)
+      if not claims:
+        print(line, flush=True)
     return self.write_report() if report else []
 
+  def _next(self, todo: list[Cell], claims: str) -> Cell | None:
+    """Takes (removes from `todo`) the first cell that can run now, its rate resolved; None if
+    every cell left waits for a grid. Cells claimed by another worker are dropped."""
+    for cell in list(todo):
+      if cell.learning_rate is None:
+        rate = self.chosen_rate(cell.task, cell.method)
+        if rate is None:
+          grid = self.grid(cell.task, cell.method)
+          if claims and any(g in todo or _claimed(claims, self._key(g)) for g in grid):
+            continue  # its grid is being trained (here or by another worker)
+          if not claims and any(g in todo for g in grid):
+            continue
+          logging.warning('skipping %s/%s seed %d: the learning-rate grid (seed %d) is not '
+                          'finished (run its cells first)', cell.task.short, cell.method,
+                          cell.seed, self.seeds[0])
+          todo.remove(cell)
+          continue
+        resolved = Cell(cell.task, cell.method, rate, cell.seed)
+      else:
+        resolved = cell
+      todo.remove(cell)
+      if _claim(claims, self._key(resolved)):
+        return resolved
+    return None
+
   def run_workers(self, argv: list[str], patterns: list[str] = ()) -> list[dict]:
-    """Runs the study in `study.workers` processes (each a share of the task x method pairs,
+    """Runs the study in `study.workers` processes (each taking the next unclaimed cell,
     logging to `<workdir>/worker-<i>.log`), printing one progress line per finished cell with
     an ETA for the whole study, then writes the report. Each process gets its share of the
     cores (PJRT_NPROC): at the demo's size a step gains little from a second thread, so two
@@ -224,13 +233,17 @@ class Study:
     self.prepare()  # the base and data once, before the workers read them
     n = int(self.config.study.workers)
     todo = [c for c, _ in self.plan() if self.selected(c, list(patterns))]
+    # The workers of this launch claim cells in one folder of their own (other machines sharing
+    # the workdir launch with their own), each taking the next unclaimed cell in plan order.
+    claims = os.path.join(self.workdir, 'claims', f'{socket.gethostname()}-{os.getpid()}')
+    os.makedirs(claims, exist_ok=True)
     # The cores are shared out: measured on 2 cores, two one-thread processes step at 0.30 s
     # each where one two-thread process steps at 0.26 s, and two two-thread ones at 0.67 s.
     env = {**os.environ, 'PJRT_NPROC': str(max(1, (os.cpu_count() or 1) // n))}
     procs = []
     for i in range(n):
       log = open(os.path.join(self.workdir, f'worker-{i}.log'), 'w')
-      procs.append((subprocess.Popen([sys.executable, *argv, f'--worker={i}/{n}'], env=env,
+      procs.append((subprocess.Popen([sys.executable, *argv, f'--worker={claims}'], env=env,
                                      stdout=log, stderr=subprocess.STDOUT), log))
     start, reported, newly_done = time.perf_counter(), set(), 0
     already = {self._key(c) for c in todo if self._finished(c)}
@@ -252,6 +265,8 @@ class Study:
                 f'elapsed {_duration(elapsed)}, ETA {_duration(left * pace)}', flush=True)
         if not running:
           break
+        if any(p.poll() not in (None, 0) for p, _ in procs):
+          break  # a worker failed: the others may wait for its cells; a re-run resumes them
         time.sleep(2.0)
     finally:
       for p, log in procs:
@@ -259,6 +274,7 @@ class Study:
           p.terminate()
         p.wait()
         log.close()
+      shutil.rmtree(claims, ignore_errors=True)
     failed = [i for i, (p, _) in enumerate(procs) if p.returncode != 0]
     if failed:
       logging.error('study workers %s ended with an error: see %s', failed,
@@ -427,6 +443,30 @@ class Study:
     write_json(os.path.join(self.workdir, 'study.json'), rows)
     report.write(rows, self.workdir, self.config)
     return rows
+
+
+# Relative cost of a method's runs (others 1), to start the costliest first.
+_WEIGHT = {'full': 2.0, 'head': 0.6}
+
+
+def _claim_path(claims: str, key: tuple) -> str:
+  return os.path.join(claims, '_'.join(str(k) for k in key).replace('/', '-').replace(':', '-'))
+
+
+def _claim(claims: str, key: tuple) -> bool:
+  """Claims `key` for this worker (atomically: the first to create its file); True without
+  `claims` (a single process takes everything)."""
+  if not claims:
+    return True
+  try:
+    os.close(os.open(_claim_path(claims, key), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    return True
+  except FileExistsError:
+    return False
+
+
+def _claimed(claims: str, key: tuple) -> bool:
+  return os.path.exists(_claim_path(claims, key))
 
 
 def _record(path: str) -> dict | None:
