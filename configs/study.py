@@ -100,8 +100,11 @@ def get_config(arg=None):
                           'conv_parallel', 'tpa_upper_quarter', 'tpa_lower_half',
                           *[f'tpa_top{k}' for k in range(1, n)],
                           *[f'tpa_r{r}' for r in (4, 8, 16, 64)]])
-  elif arg == 'scale':  # head, full and TPA over bases of three sizes
+  elif arg == 'scale':  # head, full and TPA over bases of three sizes, on Spanish ASR
+    s.tasks = 'synthetic_speech/target_lang'
     s.methods = 'head,full,tpa'
+    s.seeds = 1  # more with --config.study.seeds=N: a re-run trains only the new cells
+    s.pruning_seeds = 0
     s.scale_models = 'demo,wide,deep'
   elif arg == 'tiny':  # seconds: the tiny corpus and model
     s.tasks = 'synthetic_speech/target_lang_tiny,synthetic_speech/lang_id_tiny'

@@ -16,8 +16,8 @@ from tpa_jax.train.metrics import write_json
 # pre-trained as the demo's base is (same data, steps and schedule), cached in its own folder.
 SCALE_MODELS = {
     'demo': {},  # 6 x 144, 3.1 M parameters
-    'wide': dict(dim=256, ffn_dim=1024, num_heads=4),  # 6 x 256, ~9 M
-    'deep': dict(dim=256, ffn_dim=1024, num_heads=4, num_blocks=12),  # 12 x 256, ~18 M
+    'wide': dict(dim=192, ffn_dim=768),  # 6 x 192, 5.4 M
+    'deep': dict(dim=192, ffn_dim=768, num_blocks=8),  # 8 x 192, 7.2 M
 }
 
 
