@@ -8,6 +8,7 @@ import os
 import ml_collections
 
 from tpa_jax.errors import ConfigError
+from tpa_jax.study import base as base_lib
 from tpa_jax.study import report
 from tpa_jax.study.runner import Study, validate
 from tpa_jax.train.metrics import write_json
@@ -21,7 +22,8 @@ SCALE_MODELS = {
 }
 
 
-def scale_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+def scale_configs(config: ml_collections.ConfigDict,
+                  workdir: str) -> dict[str, ml_collections.ConfigDict]:
   out = {}
   for name in [m.strip() for m in config.study.scale_models.split(',') if m.strip()]:
     if name not in SCALE_MODELS:
@@ -30,6 +32,7 @@ def scale_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections
     c = ml_collections.ConfigDict(config.to_dict())
     c.model.update(SCALE_MODELS[name])
     c.study.scale_models = ''
+    c.data.data_dir = base_lib.data_dir(config, workdir)  # one corpus serves every shape
     if name != 'demo':
       c.study.base_workdir = ''  # only the demo's own shape is cached by `make demo`
     out[name] = c
@@ -49,7 +52,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, cells=(),
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   if not config.study.scale_models:
     return _one(config, workdir, cells, report_only, argv, worker)
-  subs = scale_configs(config)
+  subs = scale_configs(config, workdir)
   for c in subs.values():
     validate(c)  # every name checked before anything runs
   if worker:  # a worker of one base's study: its argv names that base and its folder
@@ -58,7 +61,8 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, cells=(),
   rows = []
   for name, c in subs.items():
     folder = os.path.join(workdir, name)
-    sub_argv = [*argv, f'--config.study.scale_models={name}', f'--workdir={folder}']
+    sub_argv = [*argv, f'--config.study.scale_models={name}', f'--workdir={folder}',
+                f'--config.data.data_dir={c.data.data_dir}']
     for row in _one(c, folder, cells, report_only, sub_argv, ''):
       rows.append({**row, 'base': name})
   os.makedirs(workdir, exist_ok=True)
