@@ -245,3 +245,45 @@ def test_the_demo_base_cache_key_covers_only_what_determines_the_base():
                 {'demo.pretrain.learning_rate': 1e-3}, {'seed': 1},
                 {'data.batch_seconds': 8.0}, {'features.num_mels': 64}):
     assert key(**other) != base, other
+
+
+def test_workers_take_each_cell_once_and_wait_for_the_grids_of_others(tmp_path):
+  """The queue of several workers: the costliest methods first, a cell claimed by one worker
+  is not taken by another, and a cell whose rate waits on a grid another worker trains waits
+  (then runs at the rate its grid chose); without any worker left on that grid, it is skipped."""
+  config = config_lib.load_config_file('configs/study.py:tiny')
+  config.study.methods = 'head,full,tpa'
+  config.study.learning_rates = '3e-3,1e-2'
+  s = runner.Study(config, str(tmp_path))
+  plan = [c for c, _ in s.plan()]
+  # full first, head last; each method's grid (first task, both rates) before its other cells.
+  assert [c.method for c in plan] == ['full'] * 3 + ['tpa'] * 3 + ['head'] * 3
+  assert [c.learning_rate for c in plan[:3]] == [3e-3, 1e-2, None]
+  claims = str(tmp_path / 'claims')
+  os.makedirs(claims)
+  mine, theirs = list(plan), list(plan)
+  # Worker A takes full's two grid cells; worker B, finding them claimed, takes TPA's grid.
+  first, second = s._next(mine, claims), s._next(mine, claims)
+  assert (first.method, first.learning_rate, second.learning_rate) == ('full', 3e-3, 1e-2)
+  got = s._next(theirs, claims)
+  assert (got.method, got.learning_rate) == ('tpa', 3e-3)
+  assert not any(c.method == 'full' and c.learning_rate for c in theirs)  # dropped: claimed
+  # B's full cell on the second task waits (A trains full's grid), as do its TPA and head
+  # cells there (B's own grids, still running): B takes the other grid cells, then nothing.
+  taken = [s._next(theirs, claims) for _ in range(3)]
+  assert [(c.method, c.learning_rate) for c in taken] == [('tpa', 1e-2), ('head', 3e-3),
+                                                          ('head', 1e-2)]
+  assert s._next(theirs, claims) is None
+  assert [(c.task.short, c.method) for c in theirs] == [
+      ('lang_id_tiny', 'full'), ('lang_id_tiny', 'tpa'), ('lang_id_tiny', 'head')]
+  # A's grid ends (1e-2 validates best): B's waiting full cell runs at that rate.
+  for rate, wer in ((3e-3, 0.5), (1e-2, 0.4)):
+    cell = cells_lib.Cell(plan[0].task, 'full', rate, 0)
+    os.makedirs(s.folder(cell))
+    with open(os.path.join(s.folder(cell), 'trained.json'), 'w') as f:
+      json.dump({'status': 'ok', 'validation': wer}, f)
+  got = s._next(theirs, claims)
+  assert (got.task.short, got.method, got.learning_rate) == ('lang_id_tiny', 'full', 1e-2)
+  # One process given a cell whose grid is neither done nor selected: skipped, not waited for.
+  alone = [c for c in plan if c.method == 'tpa' and c.learning_rate is None]
+  assert s._next(alone, '') is None and alone == []

@@ -166,7 +166,10 @@ class Study:
     with the report when `report`). With `claims` (a folder shared by the workers of one
     launch), this process is one of several: it takes the next cell in plan order that no
     other has claimed, so the workers stay busy until the study ends."""
-    check_workdir(self.config, self.workdir)
+    if claims:  # a worker: imports while the launching process checks the workdir and
+      _wait_for_launcher(claims)  # prepares the base and data
+    else:
+      check_workdir(self.config, self.workdir)
     self.prepare()
     todo = [c for c, _ in self.plan()
             if self.selected(c, list(patterns)) and not self._finished(c)]
@@ -187,6 +190,9 @@ class Study:
         ran |= self.score_cell(cell)
       if ran:
         done_seconds.append(time.perf_counter() - t0)
+      if claims:  # counted here, between cells, rather than by the report at the end
+        from tpa_jax.study import scoring  # pylint: disable=import-outside-toplevel
+        scoring.flops_ratio(self, cell.task, cell.method)
       count += 1
       pace = sum(done_seconds) / len(done_seconds) if done_seconds else 0.0
       line = (f'[study] {count}/{total} {cell.name}: {self.status_line(cell)} | elapsed '
@@ -230,7 +236,6 @@ class Study:
     import subprocess  # pylint: disable=import-outside-toplevel
     import sys  # pylint: disable=import-outside-toplevel
     check_workdir(self.config, self.workdir)
-    self.prepare()  # the base and data once, before the workers read them
     n = int(self.config.study.workers)
     todo = [c for c, _ in self.plan() if self.selected(c, list(patterns))]
     # The workers of this launch claim cells in one folder of their own (other machines sharing
@@ -245,9 +250,14 @@ class Study:
       log = open(os.path.join(self.workdir, f'worker-{i}.log'), 'w')
       procs.append((subprocess.Popen([sys.executable, *argv, f'--worker={claims}'], env=env,
                                      stdout=log, stderr=subprocess.STDOUT), log))
-    start, reported, newly_done = time.perf_counter(), set(), 0
-    already = {self._key(c) for c in todo if self._finished(c)}
+    reported, newly_done = set(), 0
     try:
+      # The base and data once, before the workers read them (they import meanwhile).
+      self.prepare()
+      with open(os.path.join(claims, _PREPARED), 'w'):
+        pass
+      start = time.perf_counter()
+      already = {self._key(c) for c in todo if self._finished(c)}
       while True:
         running = any(p.poll() is None for p, _ in procs)
         for cell in todo:
@@ -447,6 +457,27 @@ class Study:
 
 # Relative cost of a method's runs (others 1), to start the costliest first.
 _WEIGHT = {'full': 2.0, 'head': 0.6}
+
+
+_PREPARED = 'prepared'  # in the claims folder: the launching process has prepared
+
+
+def _wait_for_launcher(claims: str) -> None:
+  """A worker's start: the heavy imports, then waiting until the launching process has
+  prepared the base and every task's data (it may be pre-training the base)."""
+  # pylint: disable=import-outside-toplevel,unused-import
+  from tpa_jax.data import datasets
+  from tpa_jax.study import scoring
+  from tpa_jax.train import loop
+  try:
+    import tensorflow  # what TFDS's audio features import on first use (~10 s)
+  except ImportError:
+    pass
+  parent = os.getppid()
+  while not os.path.exists(os.path.join(claims, _PREPARED)):
+    if os.getppid() != parent:
+      raise SystemExit('the launching process of this study worker ended')
+    time.sleep(1.0)
 
 
 def _claim_path(claims: str, key: tuple) -> str:

@@ -76,31 +76,37 @@ def score(config: ml_collections.ConfigDict, folder: str, mesh, *, pruning: bool
 
 def flops_ratio(study, task, method: str) -> float | None:
   """FLOPs of one training step of `method` over full fine-tuning's on the same batch (counted
-  on the jaxpr, every scanned layer included), cached in `<workdir>/flops.json`."""
+  on the jaxpr, every scanned layer included); None when not counted yet and the study has no
+  mesh (a report only)."""
+  flops, full = step_flops(study, task, method), step_flops(study, task, 'full')
+  return None if flops is None or full is None else round(flops / full, 4)
+
+
+def step_flops(study, task, method: str) -> float | None:
+  """FLOPs of one training step of `method` on `task`'s first batch, cached in
+  `<workdir>/flops/<task>/<method>.json` (the workers of a study count them as their cells
+  finish, so the report does not wait for them)."""
   from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
   from tpa_jax.plan import costs  # pylint: disable=import-outside-toplevel
   from tpa_jax.study.cells import Cell  # pylint: disable=import-outside-toplevel
   from tpa_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-  path = os.path.join(study.workdir, 'flops.json')
-  cache = {}
+  path = os.path.join(study.workdir, 'flops', task.short, f'{method}.json')
   if os.path.exists(path):
     with open(path) as f:
-      cache = json.load(f)
-  key = f'{task.short}/{method}'
-  if key in cache or study.mesh is None:
-    return cache.get(key)
-
-  def flops(name: str) -> float:
-    config = study.run_config(Cell(task, name, study.rates[0], 0))
-    config.base.path = ''
-    data, tokenizer = datasets.open_for_config(config, study.workdir, study.mesh)
-    batch = next(iter(data.train_loader(tokenizer, seed=0, num_batches=1)))
-    shapes = trainer_lib.from_config(config, study.mesh, abstract=True)
-    with jax.set_mesh(study.mesh):
-      return costs.jaxpr_flops(shapes.step_fn, shapes.state, shapes.frozen, shapes.rest, batch)
-
-  cache[key] = round(flops(method) / flops('full'), 4)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(cache, f, indent=1)
-  os.replace(path + '.tmp', path)
-  return cache[key]
+      return json.load(f)['flops']
+  if study.mesh is None:
+    return None
+  config = study.run_config(Cell(task, method, study.rates[0], 0))
+  config.base.path = ''
+  data, tokenizer = datasets.open_for_config(config, study.workdir, study.mesh)
+  batch = next(iter(data.train_loader(tokenizer, seed=0, num_batches=1)))
+  shapes = trainer_lib.from_config(config, study.mesh, abstract=True)
+  with jax.set_mesh(study.mesh):
+    flops = float(costs.jaxpr_flops(shapes.step_fn, shapes.state, shapes.frozen, shapes.rest,
+                                    batch))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.{os.getpid()}.tmp'  # several workers may count the same one
+  with open(tmp, 'w') as f:
+    json.dump({'flops': flops}, f)
+  os.replace(tmp, path)
+  return flops
