@@ -206,28 +206,43 @@ def plots(rows: list[dict], workdir: str) -> None:
 
 
 def scale_table(rows: list[dict]) -> str:
-  """Markdown: per base size and task, each method's test score (mean ± std) and the gap
+  """Markdown: per base size and task, each method's test score (mean ± std over seeds; ASR:
+  the best-path WER in brackets) and chosen learning rate, TPA's trainable share, and the gap
   between TPA and full fine-tuning (relative for WER, absolute points for accuracy)."""
+  methods = ('head', 'full', 'tpa')
   lines = ['# Study over bases of several sizes', '',
-           '| base | parameters | task | ' + ' | '.join(('head', 'full', 'tpa')) +
-           ' | TPA vs full |', '|---|---|---|---|---|---|---|']
+           'Test scores at each run\'s best validation step (ASR: lexicon WER %, best-path WER '
+           'in brackets; language ID: accuracy %), mean ± standard deviation over seeds, at '
+           'each method\'s learning rate chosen on validation [in square brackets]. Base '
+           'parameters: the frozen encoder\'s.',
+           '', '| base | base parameters | task | ' + ' | '.join(methods) +
+           ' | TPA trainable | TPA vs full |', '|---|---|---|---|---|---|---|---|']
   bases = list(dict.fromkeys(r['base'] for r in rows))
   for base in bases:
     sub = [r for r in rows if r['base'] == base]
     summary = summarize(sub)
-    params = next((r['total_params'] for r in sub if r.get('total_params')), None)
+    params = next((r['total_params'] - r['trainable_params'] for r in sub
+                   if r['method'] == 'tpa' and r.get('total_params')), None)
     for task in dict.fromkeys(r['task'] for r in sub):
       metric = next(r['metric'] for r in sub if r['task'] == task)
       cells = []
-      for method in ('head', 'full', 'tpa'):
+      for method in methods:
         s = summary.get((task, method))
-        cells.append(f"{_percent(s['mean'])} ± {_percent(s['std'])}"
-                     if s and s['mean'] is not None else '-')
+        if not s or s['mean'] is None:
+          cells.append('-')
+          continue
+        text = f"{_percent(s['mean'])} ± {_percent(s['std'])}"
+        if s['best_path_mean'] is not None:
+          text += f" ({_percent(s['best_path_mean'])})"
+        cells.append(f"{text} [{s['row']['learning_rate']:g}]")
       full, tpa = summary.get((task, 'full')), summary.get((task, 'tpa'))
-      gap = '-'
+      gap, share = '-', '-'
       if full and tpa and full['mean'] is not None and tpa['mean'] is not None:
         gap = (f"{100 * (tpa['mean'] / full['mean'] - 1):+.0f}% relative" if metric == 'wer'
                else f"{100 * (tpa['mean'] - full['mean']):+.1f} points")
-      lines.append(f"| {base} | {params:,} | {task.split('/')[-1]} | " + ' | '.join(cells) +
-                   f' | {gap} |')
+      if tpa and tpa['row'].get('trainable_fraction') is not None:
+        share = f"{100 * tpa['row']['trainable_fraction']:.2f}%"
+      frozen = f'{params:,}' if params else '-'
+      lines.append(f"| {base} | {frozen} | {task.split('/')[-1]} | " + ' | '.join(cells) +
+                   f' | {share} | {gap} |')
   return '\n'.join(lines) + '\n'
