@@ -287,3 +287,27 @@ def test_workers_take_each_cell_once_and_wait_for_the_grids_of_others(tmp_path):
   # One process given a cell whose grid is neither done nor selected: skipped, not waited for.
   alone = [c for c in plan if c.method == 'tpa' and c.learning_rate is None]
   assert s._next(alone, '') is None and alone == []
+
+
+def test_the_scale_variant_compares_bases_of_several_sizes(tmp_path):
+  """A base per size, each pre-trained once and cached in its folder, one corpus for all; the
+  table has TPA's gap to full fine-tuning per base."""
+  workdir = str(tmp_path / 'scale')
+  result = study(workdir, '--config.study.scale_models=demo,wide',
+                 '--config.study.methods=full,tpa',
+                 '--config.study.tasks=synthetic_speech/target_lang_tiny',
+                 cache=str(tmp_path / 'cache'))
+  assert result.returncode == 0, result.stderr[-4000:]
+  rows = json.load(open(os.path.join(workdir, 'study.json')))
+  assert sorted((r['base'], r['method']) for r in rows) == [
+      ('demo', 'full'), ('demo', 'tpa'), ('wide', 'full'), ('wide', 'tpa')]
+  assert all(r['status'] == 'ok' for r in rows)
+  size = {r['base']: r['total_params'] for r in rows if r['method'] == 'full'}
+  assert size['wide'] > 5 * size['demo']
+  for name in ('demo', 'wide'):
+    assert os.path.exists(os.path.join(workdir, name, 'base', 'encoder')), name
+  assert os.path.isdir(os.path.join(workdir, 'data'))  # one corpus, not one per base
+  assert not any(os.path.exists(os.path.join(workdir, n, 'data')) for n in ('demo', 'wide'))
+  table = open(os.path.join(workdir, 'study.md')).read()
+  assert len(re.findall(r'^\| (demo|wide) \| [\d,]+ \| target_lang_tiny \|.*% relative \|$',
+                        table, flags=re.M)) == 2
