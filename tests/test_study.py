@@ -311,3 +311,24 @@ def test_the_scale_variant_compares_bases_of_several_sizes(tmp_path):
   table = open(os.path.join(workdir, 'study.md')).read()
   assert len(re.findall(r'^\| (demo|wide) \| [\d,]+ \| target_lang_tiny \|.*% relative \|$',
                         table, flags=re.M)) == 2
+
+
+def test_the_top_k_and_bottleneck_curves(tiny_study):
+  """The full variant's curves: TPA on the top k blocks and with bottleneck r, in study.md
+  (k = every block and the study's own r being `tpa`) and in the plots."""
+  root, workdir, cache, _ = tiny_study
+  other = str(root / 'curves')
+  result = study(other, f'--config.study.base_workdir={workdir}',
+                 f'--config.data.data_dir={os.path.join(workdir, "data")}',
+                 '--config.study.tasks=synthetic_speech/target_lang_tiny',
+                 '--config.study.methods=tpa,tpa_top1,tpa_r4', cache=cache)
+  assert result.returncode == 0, result.stderr[-4000:]
+  test = {r['method']: r['test'] for r in json.load(open(os.path.join(other, 'study.json')))}
+  table = open(os.path.join(other, 'study.md')).read()
+  as_cell = lambda x: f'{100 * x:.1f} ± 0.0'  # pylint: disable=unnecessary-lambda-assignment
+  assert (f"| k=1 | k=2 |\n|---|---|---|\n| target_lang_tiny | {as_cell(test['tpa_top1'])} | "
+          f"{as_cell(test['tpa'])} |") in table
+  assert (f"| r=4 | r=8 |\n|---|---|---|\n| target_lang_tiny | {as_cell(test['tpa_r4'])} | "
+          f"{as_cell(test['tpa'])} |") in table
+  for name in ('pruning.png', 'bottleneck.png'):
+    assert os.path.exists(os.path.join(other, name)), name

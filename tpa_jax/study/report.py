@@ -89,7 +89,38 @@ def table(rows: list[dict], config: ml_collections.ConfigDict | None = None) -> 
   pruning = pruning_table(rows)
   if pruning:
     text += pruning
+  text += curve_tables(summary, tasks, config)
   return '\n'.join(text)
+
+
+def curve_tables(summary: dict, tasks: list[str], config=None) -> list[str]:
+  """TPA trained on the top k blocks (`tpa_top<k>`; k = every block is `tpa`), and TPA with
+  bottleneck r (`tpa_r<r>`; the study's own r is `tpa`): test, mean ± std over seeds."""
+  out = []
+  for title, pattern, field, full_value in (
+      ('TPA trained on the top k blocks only', r'tpa_top(\d+)', 'k',
+       config.model.num_blocks if config is not None else None),
+      ('TPA with bottleneck r', r'tpa_r(\d+)', 'r',
+       config.study.bottleneck if config is not None else None)):
+    points = {}
+    for (task, name), s in summary.items():
+      m = re.fullmatch(pattern, name)
+      value = int(m.group(1)) if m else (full_value if name == 'tpa' else None)
+      if value is not None and s['mean'] is not None:
+        points.setdefault(task, {})[value] = s
+    if not any(len(p) > 1 for p in points.values()):
+      continue
+    values = sorted({v for p in points.values() for v in p})
+    out += [f'{title} (test, mean ± std over seeds):', '',
+            '| task | ' + ' | '.join(f'{field}={v}' for v in values) + ' |',
+            '|---|' + '---|' * len(values)]
+    for task in tasks:
+      if task in points:
+        out.append(f"| {task.split('/')[-1]} | " + ' | '.join(
+            f"{_percent(points[task][v]['mean'])} ± {_percent(points[task][v]['std'])}"
+            if v in points[task] else '-' for v in values) + ' |')
+    out.append('')
+  return out
 
 
 def _curves(rows: list[dict], key: str, field: str) -> dict:
