@@ -309,8 +309,9 @@ def test_the_scale_variant_compares_bases_of_several_sizes(tmp_path):
   assert os.path.isdir(os.path.join(workdir, 'data'))  # one corpus, not one per base
   assert not any(os.path.exists(os.path.join(workdir, n, 'data')) for n in ('demo', 'wide'))
   table = open(os.path.join(workdir, 'study.md')).read()
-  assert len(re.findall(r'^\| (demo|wide) \| [\d,]+ \| target_lang_tiny \|.*% relative \|$',
-                        table, flags=re.M)) == 2
+  assert len(re.findall(r'^\| (demo|wide) \| [\d,]+ \| [\d.]+ \| target_lang_tiny \|.*% '
+                        r'relative \|$', table, flags=re.M)) == 2
+  assert all(r['base_pretrain_loss'] > 0 for r in rows)
 
 
 def test_the_top_k_and_bottleneck_curves(tiny_study):

@@ -3,6 +3,7 @@ of how the gap between TPA and full fine-tuning moves as the base grows."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import ml_collections
@@ -63,13 +64,32 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, cells=(),
     folder = os.path.join(workdir, name)
     sub_argv = [*argv, f'--config.study.scale_models={name}', f'--workdir={folder}',
                 f'--config.data.data_dir={c.data.data_dir}']
-    for row in _one(c, folder, cells, report_only, sub_argv, ''):
-      rows.append({**row, 'base': name})
+    sub_rows = _one(c, folder, cells, report_only, sub_argv, '')
+    loss = base_pretrain_loss(c, folder)
+    rows += [{**row, 'base': name, 'base_pretrain_loss': loss} for row in sub_rows]
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, 'study.json'), rows)
   with open(os.path.join(workdir, 'study.md'), 'w') as f:
     f.write(report.scale_table(rows))
   return rows
+
+
+def base_pretrain_loss(config: ml_collections.ConfigDict, workdir: str) -> float | None:
+  """The mean training loss over the last tenth of the pre-training of the base that the
+  study in `workdir` ran over (how well trained a base is, beside how large); None for a base
+  without its training curve (given by `base.path`)."""
+  paths = [os.path.join(workdir, 'base', 'encoder.json')]
+  if config.study.base_workdir:
+    paths.append(os.path.join(config.study.base_workdir, 'base', 'encoder.json'))
+  if config.base.path:
+    paths = [config.base.path.rstrip('/') + '.json']
+  for path in paths:
+    if os.path.exists(path):
+      with open(path) as f:
+        curve = json.load(f).get('curve') or []
+      losses = [p['loss'] for p in curve[-max(len(curve) // 10, 1):] if 'loss' in p]
+      return round(sum(losses) / len(losses), 4) if losses else None
+  return None
 
 
 def _one(config, workdir, cells, report_only, argv, worker) -> list[dict]:

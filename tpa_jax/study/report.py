@@ -245,9 +245,10 @@ def scale_table(rows: list[dict]) -> str:
            'Test scores at each run\'s best validation step (ASR: lexicon WER %, best-path WER '
            'in brackets; language ID: accuracy %), mean ± standard deviation over seeds, at '
            'each method\'s learning rate chosen on validation [in square brackets]. Base '
-           'parameters: the frozen encoder\'s.',
-           '', '| base | base parameters | task | ' + ' | '.join(methods) +
-           ' | TPA trainable | TPA vs full |', '|---|---|---|---|---|---|---|---|']
+           'parameters: the frozen encoder\'s; pre-training loss: its mean training loss '
+           'over the last tenth of its pre-training steps.',
+           '', '| base | base parameters | pre-training loss | task | ' + ' | '.join(methods) +
+           ' | TPA trainable | TPA vs full |', '|---|---|---|---|---|---|---|---|---|']
   bases = list(dict.fromkeys(r['base'] for r in rows))
   for base in bases:
     sub = [r for r in rows if r['base'] == base]
@@ -274,6 +275,9 @@ def scale_table(rows: list[dict]) -> str:
       if tpa and tpa['row'].get('trainable_fraction') is not None:
         share = f"{100 * tpa['row']['trainable_fraction']:.2f}%"
       frozen = f'{params:,}' if params else '-'
-      lines.append(f"| {base} | {frozen} | {task.split('/')[-1]} | " + ' | '.join(cells) +
+      loss = sub[0].get('base_pretrain_loss')
+      loss = f'{loss:.3f}' if loss is not None else '-'
+      lines.append(f"| {base} | {frozen} | {loss} | {task.split('/')[-1]} | " +
+                   ' | '.join(cells) +
                    f' | {share} | {gap} |')
   return '\n'.join(lines) + '\n'
