@@ -108,7 +108,7 @@ def get_config(arg=None):
     s.methods = 'head,full,tpa'
     s.seeds = 1  # more with --config.study.seeds=N: a re-run trains only the new cells
     s.pruning_seeds = 0
-    s.scale_models = 'demo,wide,deep'
+    s.scale_models = 'demo,wide,wider'
   elif arg == 'tiny':  # seconds: the tiny corpus and model
     s.tasks = 'synthetic_speech/target_lang_tiny,synthetic_speech/lang_id_tiny'
     s.methods = 'head,tpa,lora'
