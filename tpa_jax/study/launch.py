@@ -17,13 +17,15 @@ from tpa_jax.train.metrics import write_json
 # Bases of the scale variant, by name: the demo's shape changed by these fields, each
 # pre-trained as the demo's base is (same data, steps and schedule), cached in its own folder.
 SCALE_MODELS = {
-    'demo': {},  # 6 x 144, 3.1 M parameters
+    'demo': {},  # 6 x 144, 2.9 M parameters
     'wide': dict(dim=192, ffn_dim=768),  # 6 x 192, 5.2 M
-    'wider': dict(dim=224, ffn_dim=896),  # 6 x 224, 7.1 M
-    # 8 x 192 (7.0 M): the demo's recipe left it on CTC's plateau (training loss 2.6 after
-    # 1,950 of 2,300 steps, where 6 x 192 was at 0.4), so it is no base to adapt.
-    'deep': dict(dim=192, ffn_dim=768, num_blocks=8),
+    'wider': dict(dim=224, ffn_dim=896),  # 6 x 224, 7.0 M
+    'deep': dict(dim=192, ffn_dim=768, num_blocks=8),  # 8 x 192, 6.9 M
 }
+# Peak pre-training rates other than the demo's 3e-3. At 3e-3, 6 x 224 and 8 x 192 stayed on
+# CTC's plateau (training loss 2.5-2.6 at steps 1,500 and 1,950 of 2,300, gradient norms 1-3;
+# 6 x 192 was at 1.2 by step 550): the wider base takes half the rate.
+SCALE_PRETRAIN_RATES = {'wider': 1.5e-3}
 
 
 def scale_configs(config: ml_collections.ConfigDict,
@@ -35,6 +37,8 @@ def scale_configs(config: ml_collections.ConfigDict,
                         f'{tuple(SCALE_MODELS)}')
     c = ml_collections.ConfigDict(config.to_dict())
     c.model.update(SCALE_MODELS[name])
+    if name in SCALE_PRETRAIN_RATES:
+      c.demo.pretrain.learning_rate = SCALE_PRETRAIN_RATES[name]
     c.study.scale_models = ''
     c.data.data_dir = base_lib.data_dir(config, workdir)  # one corpus serves every shape
     if name != 'demo':
