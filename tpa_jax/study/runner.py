@@ -210,10 +210,8 @@ class Study:
         rate = self.chosen_rate(cell.task, cell.method)
         if rate is None:
           grid = self.grid(cell.task, cell.method)
-          if claims and any(g in todo or _claimed(claims, self._key(g)) for g in grid):
-            continue  # its grid is being trained (here or by another worker)
-          if not claims and any(g in todo for g in grid):
-            continue
+          if any(g in todo or (claims and _claimed(claims, self._key(g))) for g in grid):
+            continue  # its grid is still to train (here or by another worker)
           logging.warning('skipping %s/%s seed %d: the learning-rate grid (seed %d) is not '
                           'finished (run its cells first)', cell.task.short, cell.method,
                           cell.seed, self.seeds[0])
