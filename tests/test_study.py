@@ -190,6 +190,7 @@ def test_bad_names_are_refused_before_anything_runs(tmp_path):
     runner.check_workdir(changed, str(tmp_path / 'w'))
   changed = config_lib.load_config_file('configs/study.py:tiny')
   changed.study.methods = 'tpa'  # running fewer methods (or more) is the same study
+  changed.study.learning_rates = '1e-3,3e-3'  # a wider grid adds runs at the new rates
   runner.check_workdir(changed, str(tmp_path / 'w'))
 
 

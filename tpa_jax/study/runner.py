@@ -36,8 +36,10 @@ from tpa_jax.study.cells import Cell, Task
 from tpa_jax.train.metrics import write_json
 
 # Fields of the study config that do not change any cell's result: a workdir may be re-run or
-# extended with different ones.
-_FREE_FIELDS = ('study.methods', 'study.tasks', 'study.seeds', 'study.base_workdir',
+# extended with different ones. A cell's folder names its rate, so a wider (or narrower) rate
+# grid only adds runs, and may move the chosen rate.
+_FREE_FIELDS = ('study.methods', 'study.tasks', 'study.seeds', 'study.learning_rates',
+                'study.base_workdir',
                 'study.compile_cache', 'study.workers', 'data.data_dir',
                 'study.pruning_seeds', 'train.log_every_steps', 'data.num_threads',
                 'data.eval_batch_size')
