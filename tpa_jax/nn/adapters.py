@@ -28,6 +28,8 @@ PLACEMENTS: dict[str, tuple[str, ...]] = {
 }
 ACTIVATIONS = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 'swish': jax.nn.silu}
 UP_INITS = ('zeros', 'normal')
+# Placements whose adapter reads its module's output (the others read its input, beside it).
+SEQUENTIAL = ('ff_sequential', 'block_sequential')
 
 
 # Placements whose weights are not residual adapters: low-rank updates of the block's own
@@ -126,6 +128,17 @@ class BlockAdapters(nnx.Module):
   def __call__(self, slot: str, x_btd: jax.Array) -> jax.Array:
     """The weighted adapter output for `slot`, to be added to a residual stream."""
     return self.residual_weight * self.slots[slot](x_btd)
+
+  def adapt(self, slot: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """`y`, the output of `slot` for its input `x`, plus the slot's adapter: A(x) beside the
+    module (parallel placements), A(y) after it (sequential ones)."""
+    if slot not in self.slots:
+      return y
+    return y + self(slot, y if self.placement in SEQUENTIAL else x)
+
+  def update(self, target: str, x: jax.Array) -> None:
+    del target, x  # residual adapters change no projection
+    return None
 
 
 def without_blocks(model: nnx.Module, blocks: Sequence[int]) -> nnx.Module:

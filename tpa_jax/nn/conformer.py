@@ -16,11 +16,9 @@ from flax import nnx
 
 from tpa_jax import sharding
 from tpa_jax.errors import ConfigError
-from tpa_jax.nn.adapters import BlockAdapters
 from tpa_jax.nn.attention import SelfAttention
 from tpa_jax.nn.convolution import ConvModule
 from tpa_jax.nn.layers import FeedForward, LayerNorm
-from tpa_jax.nn.lora import BlockLoRA
 
 REMAT_POLICIES = {
     'none': None,
@@ -51,36 +49,26 @@ class ConformerBlock(nnx.Module):
     self.ffn2 = FeedForward(dim, ffn_dim, use_bias=ffn_bias, activation=activation, **kw)
     self.final_norm = LayerNorm(dim, **kw)
 
-  def _ffn(self, ffn: FeedForward, slot: str, x: jax.Array,
-           adapters: BlockAdapters | None) -> jax.Array:
-    y = ffn(x, adapters, slot)
-    if adapters is not None and adapters.placement == 'ff_parallel':
-      y = y + adapters(slot, x)  # TPA: x + ½(FFN(x) + A(x))
-    elif adapters is not None and adapters.placement == 'ff_sequential':
-      y = y + adapters(slot, y)  # the adapter transforms the FFN output
+  def _ffn(self, ffn: FeedForward, slot: str, x: jax.Array, adapters) -> jax.Array:
+    y = _adapt(adapters, slot, x, ffn(x, adapters, slot))  # TPA: x + ½(FFN(x) + A(x))
     return x + FFN_RESIDUAL_WEIGHT * y
 
-  def __call__(self, x_btd: jax.Array, mask_bt: jax.Array,
-               adapters: BlockAdapters | BlockLoRA | None = None) -> jax.Array:
-    """`adapters`: the block's residual adapters, or its LoRA updates (placement 'lora')."""
-    placement = adapters.placement if adapters is not None else None
+  def __call__(self, x_btd: jax.Array, mask_bt: jax.Array, adapters=None) -> jax.Array:
+    """`adapters`: the block's residual adapters (BlockAdapters), its LoRA updates (BlockLoRA),
+    or any object with their two methods: `adapt(slot, x, y)`, the output `y` of a slot
+    ('ffn1', 'mhsa', 'conv', 'ffn2', 'block') whose input is `x`, with the slot's adapters
+    added; and `update(target, x)`, the LoRA update of projection `target` (or None)."""
     x_in = x_btd
     x = self._ffn(self.ffn1, 'ffn1', x_btd, adapters)
-    y = self.attention(x, mask_bt, adapters)
-    if placement == 'mhsa_parallel':
-      y = y + adapters('mhsa', x)
-    x = x + y
-    y = self.conv(x, mask_bt)
-    if placement == 'conv_parallel':
-      y = y + adapters('conv', x)
-    x = x + y
+    x = x + _adapt(adapters, 'mhsa', x, self.attention(x, mask_bt, adapters))
+    x = x + _adapt(adapters, 'conv', x, self.conv(x, mask_bt))
     x = self._ffn(self.ffn2, 'ffn2', x, adapters)
-    x = self.final_norm(x)
-    if placement == 'block_parallel':
-      x = x + adapters('block', x_in)
-    elif placement == 'block_sequential':
-      x = x + adapters('block', x)
+    x = _adapt(adapters, 'block', x_in, self.final_norm(x))
     return sharding.constrain(x, ('batch', 'time', 'embed'))
+
+
+def _adapt(adapters, slot: str, x: jax.Array, y: jax.Array) -> jax.Array:
+  return y if adapters is None else adapters.adapt(slot, x, y)
 
 
 def stack_modules(factory: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -101,7 +89,7 @@ class ConformerEncoder(nnx.Module):
 
   def __init__(self, frontend: nnx.Module, make_block: Callable[[nnx.Rngs], ConformerBlock],
                num_blocks: int, *, final_norm: LayerNorm | None = None,
-               make_adapters: Callable[[nnx.Rngs], BlockAdapters] | None = None,
+               make_adapters: Callable[[nnx.Rngs], nnx.Module] | None = None,
                adapter_blocks: Sequence[int] = (), scan_layers: bool = True,
                remat_policy: str = 'none', rngs: nnx.Rngs,
                adapter_rngs: nnx.Rngs | None = None):

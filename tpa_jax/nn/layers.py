@@ -75,14 +75,13 @@ class Dense(nnx.Module):
     return y
 
 
-def adapted(projection: Dense, x: jax.Array, lora, target: str) -> jax.Array:
-  """projection(x), plus the LoRA update of `target` when the block's `lora` carries one
-  (`lora` is a BlockLoRA of tpa_jax/nn/lora.py, or None)."""
+def adapted(projection: Dense, x: jax.Array, adapters, target: str) -> jax.Array:
+  """projection(x), plus the LoRA update of `target` when the block's `adapters` carry one
+  (`adapters.update(target, x)`: see ConformerBlock; None: no adapters)."""
   y = projection(x)
-  if lora is not None and getattr(lora, 'placement', None) == 'lora':
-    update = lora(target, x)
-    if update is not None:
-      y = y + update.astype(y.dtype)
+  update = adapters.update(target, x) if adapters is not None else None
+  if update is not None:
+    y = y + update.astype(y.dtype)
   return y
 
 

@@ -101,9 +101,13 @@ class BlockLoRA(nnx.Module):
     self.slots = nnx.Dict({t: LoRA(*shapes[t], rank=rank, alpha=float(alpha), dtype=dtype,
                                    rngs=rngs) for t in targets})
 
-  def __call__(self, target: str, x: jax.Array) -> jax.Array | None:
+  def update(self, target: str, x: jax.Array) -> jax.Array | None:
     """The update of projection `target` for its input `x` (None when it is not a target)."""
     return self.slots[target](x) if target in self.slots else None
+
+  def adapt(self, slot: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    del slot, x  # LoRA adds no residual adapter
+    return y
 
 
 def merge(model: nnx.Module) -> nnx.Module:
