@@ -37,6 +37,25 @@ def ctc_batch(config, seed: int = 0, batch_size: int = 4, num_frames: int = 64):
                              vocab_size=config.head.vocab_size, num_labels=6)
 
 
+def trained_task(method: str, overrides: dict, mesh, seed: int = 3, base_seed: int = 0):
+  """(config, model, spec, export tensors) of a task whose adapters and head look trained
+  (noise added to them) over the tiny base of `base_seed`; spec over base fingerprint 'base-fp'."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from tpa_jax.checkpoint import spec as spec_lib  # pylint: disable=import-outside-toplevel
+  from tpa_jax.infer.export import flat_arrays  # pylint: disable=import-outside-toplevel
+  from tpa_jax.nn import build  # pylint: disable=import-outside-toplevel
+  from tpa_jax.train import partition  # pylint: disable=import-outside-toplevel
+  config = tiny_config(method, **overrides)
+  model = build.create_model(config, mesh, seed=base_seed)
+  trainable = partition.trainable_filter(config.train.trainable)
+  leaves, treedef = jax.tree.flatten(nnx.state(model, trainable))
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  nnx.update(model, jax.tree.unflatten(treedef, [
+      x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]))
+  spec = spec_lib.from_config(config, 'base-fp')
+  return config, model, spec, flat_arrays(nnx.state(model, trainable))
+
+
 def logged_steps(workdir):
   """Steps of the complete lines of a run's metrics.jsonl (a killed run may leave a torn one)."""
   try:
