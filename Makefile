@@ -18,7 +18,7 @@ TEST_WORKERS ?= 2
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv==0.13.9
-	$(PY) -m uv pip install --quiet --python $(PY) -e '.[test,speech]'
+	$(PY) -m uv pip install --quiet --python $(PY) -e '.[test,speech,serve]'
 	touch $@
 
 # The parity tests' reference implementations (torch, transformers): the tests need them, the
@@ -26,7 +26,7 @@ $(VENV)/.installed: setup.py
 # torch's CPU build comes from the wheels pip's configuration points to (any other build pulls
 # gigabytes of CUDA packages).
 $(VENV)/.installed-parity: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[test,speech,parity]'
+	$(PY) -m pip install --quiet -e '.[test,speech,serve,parity]'
 	touch $@
 
 install: $(VENV)/.installed-parity

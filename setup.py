@@ -35,6 +35,8 @@ EXTRAS_REQUIRE = {
     # torch's CPU build and transformers' Wav2Vec2BertModel, SeamlessM4TFeatureExtractor and
     # ParakeetEncoder.
     'parity': ['torch==2.13.0', 'transformers==5.24.0'],
+    # The multi-task server (launch/serve.py) and its load test's client.
+    'serve': ['fastapi==0.165.0', 'uvicorn==0.54.0', 'requests'],
 }
 
 setup(

@@ -130,6 +130,10 @@ class SpeechData:
   def num_classes(self) -> int:
     return self.builder.info.features[self.spec.label_key].num_classes
 
+  @property
+  def class_names(self) -> list[str]:
+    return list(self.builder.info.features[self.spec.label_key].names)
+
   def text(self, example: dict) -> str:
     text = _text(example[self.spec.text_key]).strip()
     return text.lower() if self.spec.lowercase else text

@@ -1,9 +1,11 @@
-"""Audio utilities in NumPy: resampling, trimming, additive noise at an SNR."""
+"""Audio utilities in NumPy: resampling, trimming, additive noise at an SNR, WAV bytes."""
 
 from __future__ import annotations
 
 import functools
+import io
 import math
+import wave
 
 import numpy as np
 import scipy.signal
@@ -47,3 +49,39 @@ def add_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.
 def to_int16(audio: np.ndarray) -> np.ndarray:
   """Float audio in [-1, 1] to int16, clipping what lies outside."""
   return np.clip(np.round(audio * 32767.0), -32768, 32767).astype(np.int16)
+
+
+class AudioError(ValueError):
+  """Audio that cannot be used, with what is wrong and what is accepted."""
+
+
+def decode_wav(data: bytes, sample_rate_hz: int) -> np.ndarray:
+  """The int16 samples of a WAV file's bytes: 16-bit PCM, one channel, at `sample_rate_hz`;
+  anything else raises AudioError naming what is wrong and what is accepted."""
+  accepted = f'accepted: a WAV file of 16-bit PCM, one channel, {sample_rate_hz} Hz'
+  try:
+    with wave.open(io.BytesIO(data), 'rb') as f:
+      width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
+      frames = f.readframes(f.getnframes())
+  except (wave.Error, EOFError) as e:
+    raise AudioError(f'not a PCM WAV file ({e}); {accepted}') from e
+  if width != 2:
+    raise AudioError(f'{8 * width}-bit samples; {accepted}')
+  if channels != 1:
+    raise AudioError(f'{channels} channels; {accepted}')
+  if rate != sample_rate_hz:
+    raise AudioError(f'sampled at {rate} Hz; {accepted}')
+  if not frames:
+    raise AudioError(f'no samples; {accepted}')
+  return np.frombuffer(frames, '<i2').copy()
+
+
+def encode_wav(samples: np.ndarray, sample_rate_hz: int) -> bytes:
+  """The bytes of a one-channel 16-bit PCM WAV file of `samples` (int16)."""
+  out = io.BytesIO()
+  with wave.open(out, 'wb') as f:
+    f.setnchannels(1)
+    f.setsampwidth(2)
+    f.setframerate(sample_rate_hz)
+    f.writeframes(np.asarray(samples, '<i2').tobytes())
+  return out.getvalue()

@@ -13,6 +13,7 @@ numpy and safetensors alone.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from typing import Sequence
@@ -70,11 +71,33 @@ def load_run(workdir: str, mesh: jax.sharding.Mesh | None = None):
 
 def export_adapters(workdir: str, output: str, mesh: jax.sharding.Mesh | None = None) -> dict:
   """Writes the run's trained arrays to the safetensors file `output`, with the adapter spec
-  that attaching them checks; returns its metadata."""
+  that attaching them checks and what decodes the head's outputs (the tokenizer of a CTC head,
+  the class names of a classifier); returns its metadata."""
   config, _, trainable, info, step = load_run(workdir, mesh)
-  tensors = flat_arrays(trainable)
-  fingerprint = info['base_fingerprint']
-  spec = checkpoint.saved_spec(info)
+  return write_adapters(output, flat_arrays(trainable), config, checkpoint.saved_spec(info),
+                        info['base_fingerprint'], step,
+                        **decoding_of(config, workdir, mesh or sharding.make_mesh()))
+
+
+def decoding_of(config: ml_collections.ConfigDict, workdir: str,
+                mesh: jax.sharding.Mesh) -> dict:
+  """{'tokenizer': ...} (CTC) or {'labels': [...]} (classification) of the run's data: what
+  turns its head's outputs into text or class names (nothing for the random task)."""
+  if config.data.name == 'random':
+    return {}
+  from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
+  data, tokenizer = datasets.open_for_config(ml_collections.ConfigDict(config.to_dict()),
+                                             workdir, mesh)
+  if tokenizer is not None:
+    return {'tokenizer': tokenizer}
+  return {'labels': data.class_names}
+
+
+def write_adapters(output: str, tensors: dict[str, np.ndarray], config, spec: spec_lib.AdapterSpec,
+                   fingerprint: dict, step: int, *, tokenizer=None,
+                   labels: Sequence[str] | None = None) -> dict:
+  """Writes an adapter export: `tensors` (adapter and head arrays by state path) with `spec`,
+  the base's `fingerprint`, and the tokenizer or class labels that decode the head."""
   metadata = {
       'format': ADAPTER_FORMAT, 'step': str(step), 'spec': json.dumps(spec.to_json()),
       'placement': config.adapter.placement, 'blocks': str(config.adapter.blocks),
@@ -83,8 +106,13 @@ def export_adapters(workdir: str, output: str, mesh: jax.sharding.Mesh | None = 
       'adapter': json.dumps(config.adapter.to_dict()), 'head': json.dumps(config.head.to_dict()),
       'model': json.dumps(fingerprint['config']),
   }
+  if tokenizer is not None:
+    metadata['tokenizer'] = base64.b64encode(tokenizer.serialize()).decode('ascii')
+  if labels is not None:
+    metadata['labels'] = json.dumps(list(labels))
   _write_atomically(output, lambda path: safetensors_np.save_file(tensors, path, metadata))
-  return {**metadata, 'num_tensors': len(tensors), 'bytes': os.path.getsize(output)}
+  return {**{k: v for k, v in metadata.items() if k != 'tokenizer'},
+          'num_tensors': len(tensors), 'bytes': os.path.getsize(output)}
 
 
 def read_metadata(path: str) -> dict[str, str]:
