@@ -152,23 +152,26 @@ class MultiTaskModel:
     self._suffix = jax.jit(suffix)
     self._write = jax.jit(bank_lib.write_slot, donate_argnums=0)
 
-  def program_shapes(self) -> list[tuple[int, int]]:
-    """Every (batch rows, audio samples) shape the model runs."""
-    return [(b, s) for b in self.batch_sizes for s in self.length_buckets]
+  def program_shapes(self) -> list[tuple[int, int, int]]:
+    """Every (utterances, rows, audio samples) shape the model runs: the frozen prefix runs on
+    the utterances (padded to a batch size), the rest on the (utterance, task) rows (padded to
+    a batch size no smaller)."""
+    return [(u, r, s) for s in self.length_buckets for r in self.batch_sizes
+            for u in self.batch_sizes if u <= r]
 
-  def warmup(self) -> list[tuple[int, int]]:
+  def warmup(self) -> list[tuple[int, int, int]]:
     """Compiles (or loads from the compilation cache) every program; returns their shapes."""
     with jax.set_mesh(self.mesh):
-      for b, s in self.program_shapes():
-        audio, lengths = np.zeros((b, s), np.int16), np.full((b,), s, np.int32)
+      for u, r, s in self.program_shapes():
+        audio, lengths = np.zeros((u, s), np.int16), np.full((u,), s, np.int32)
         x, mask = self._prefix(audio, lengths, np.int32(0))
-        zeros = np.zeros((b,), np.int32)
+        zeros = np.zeros((r,), np.int32)
         jax.block_until_ready(self._suffix(self.bank, x, mask, zeros, zeros, np.int32(0)))
       # Rewriting slot 0 with what it holds compiles the slot writer (host arrays, as `add`).
       self.bank = self._write(self.bank, np.int32(0),
                               jax.device_get(bank_lib.read_slot(self.bank, 0)))
-    logging.info('compiled %d shapes (rows, samples): %s', len(self.program_shapes()),
-                 self.program_shapes())
+    logging.info('compiled %d shapes (utterances, rows, samples): %s',
+                 len(self.program_shapes()), self.program_shapes())
     return self.program_shapes()
 
   def compilations(self) -> int:
@@ -252,17 +255,17 @@ class MultiTaskModel:
       raise ValueError(f'{len(rows)} rows exceed the largest batch, {self.rows_per_batch()}')
     for audio in utterances:
       self.check_audio(audio)
-    b = next(b for b in self.batch_sizes if b >= len(rows))
+    bu = next(b for b in self.batch_sizes if b >= len(utterances))
+    br = next(b for b in self.batch_sizes if b >= max(len(rows), bu))  # a compiled pair
     s = next(s for s in self.length_buckets if s >= max(len(a) for a in utterances))
-    audio = np.zeros((b, s), np.int16)
-    lengths = np.zeros((b,), np.int32)
-    lengths[len(utterances):] = s  # padding utterances: full length, never read
+    audio = np.zeros((bu, s), np.int16)
+    lengths = np.full((bu,), s, np.int32)  # padding utterances: full length, never read
     for i, a in enumerate(utterances):
       audio[i, :len(a)], lengths[i] = a, len(a)
     lows = [t.lowest_block for _, t in rows]
     depth = min([lo for lo in lows if lo is not None], default=self.layout.num_blocks)
-    row_utterance = np.zeros((b,), np.int32)
-    task_ids = np.zeros((b,), np.int32)
+    row_utterance = np.zeros((br,), np.int32)
+    task_ids = np.zeros((br,), np.int32)
     for i, (u, t) in enumerate(rows):
       row_utterance[i], task_ids[i] = u, t.slot
     with jax.set_mesh(self.mesh):
