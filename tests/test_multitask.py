@@ -287,3 +287,52 @@ def test_the_server_batches_mixed_tasks_and_refuses_bad_requests(served, tmp_pat
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
+
+
+def test_a_multitask_bundle_runs_a_mixed_batch_with_the_loader_alone(served, tmp_path):
+  """The bundle carries the base once; tasks are added from their adapter exports by the
+  standalone loader (copied away from tpa_jax), and a mixed batch equals each task's model."""
+  import shutil
+
+  from conftest import ctc_batch
+  from tpa_jax.infer import serving_loader
+  from tpa_jax.nn import adapters as adapters_lib
+  assert serving_loader.PLACEMENT_SLOTS == adapters_lib.PLACEMENTS
+  config, exports, models, _ = served
+  root = os.path.dirname(os.path.dirname(__file__))
+  shaping = ','.join(f'{n}={exports[n]}' for n in ('tpa', 'lora', 'lid'))
+  result = subprocess.run(
+      [sys.executable, 'launch/export.py', '--kind=serving', '--config=configs/adapt.py:model=tiny',
+       f'--config.base.path={config.base.path}', f'--adapters={shaping}', '--capacity=3',
+       '--platforms=cpu', f'--output={tmp_path}/bundle'],
+      capture_output=True, text=True, timeout=600, cwd=root)
+  assert result.returncode == 0, result.stderr[-3000:]
+  sizes = json.loads(result.stdout.strip().splitlines()[-1])['bytes']
+  assert set(sizes) == {'function.jaxexport', 'base.safetensors', 'manifest.json'}
+  batch = ctc_batch(config, seed=5, batch_size=3, num_frames=48)
+  np.save(tmp_path / 'features.npy', batch['features'])
+  np.save(tmp_path / 'mask.npy', batch['feature_mask'])
+  shutil.copy(os.path.join(root, 'tpa_jax/infer/serving_loader.py'), tmp_path / 'loader.py')
+  script = f'''
+import sys, numpy as np
+import loader
+b = loader.MultiTaskBundle({str(tmp_path / "bundle")!r})
+for name, path in {[(n, exports[n]) for n in ('lid', 'tpa', 'lora')]!r}:
+  b.add(name, path)
+out = b(np.load('features.npy'), np.load('mask.npy'), [['tpa', 'lid'], ['lora'], ['lid', 'lora']])
+np.savez('out.npz', **{{f'{{u}}-{{name}}': logits for u, rows in enumerate(out)
+                        for name, logits in rows}})
+assert not any(m.startswith('tpa_jax') for m in sys.modules), 'the loader imported tpa_jax'
+'''
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env={**os.environ, 'PYTHONPATH': ''})
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = np.load(tmp_path / 'out.npz')
+  assert sorted(out.files) == ['0-lid', '0-tpa', '1-lora', '2-lid', '2-lora']
+  for key in out.files:
+    u, name = key.split('-')
+    logits, mask = models[name](batch['features'], batch['feature_mask'])
+    want = np.asarray(logits[int(u)])
+    if want.ndim == 2:
+      want = want[np.asarray(mask[int(u)])]
+    np.testing.assert_allclose(out[key], want, atol=1e-5, rtol=0, err_msg=key)

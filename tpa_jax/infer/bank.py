@@ -39,13 +39,13 @@ from flax import nnx
 
 from tpa_jax.checkpoint.spec import AdapterSpec
 from tpa_jax.errors import SpecMismatchError
+from tpa_jax.infer import serving_loader as loader
 from tpa_jax.nn import adapters as adapters_lib
 from tpa_jax.nn import lora as lora_lib
 from tpa_jax.nn.conformer import ConformerEncoder
 
 SELECTS = ('gather', 'onehot')
-# Logit of a padded vocabulary entry or class: far below any real logit, finite.
-PAD_LOGIT = -1e9
+PAD_LOGIT = loader.PAD_LOGIT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Group:
 
   @property
   def key(self) -> str:
-    return f'{self.placement}/{self.activation}/{"norm" if self.use_norm else "no_norm"}'
+    return loader.group_key(self.placement, self.activation, self.use_norm)
 
   @property
   def sequential(self) -> bool:
@@ -79,6 +79,15 @@ class Layout:
   lora_targets: tuple[str, ...] = ()
   vocab_size: int = 0  # CTC heads are padded to it (0: no CTC task)
   num_classes: int = 0  # classification heads (0: no classification task)
+
+  def to_json(self) -> dict[str, Any]:
+    return {**dataclasses.asdict(self), 'lora_targets': list(self.lora_targets),
+            'groups': [dataclasses.asdict(g) for g in self.groups]}
+
+  @classmethod
+  def from_json(cls, value: dict[str, Any]) -> 'Layout':
+    return cls(**{**value, 'groups': tuple(Group(**g) for g in value['groups']),
+                  'lora_targets': tuple(value['lora_targets'])})
 
   def group_of(self, spec: AdapterSpec) -> Group | None:
     for g in self.groups:
@@ -157,47 +166,11 @@ def layout_for(specs: Iterable[AdapterSpec], model_config, *, capacity: int,
       vocab_size=vocab, num_classes=classes)
 
 
-# -- the bank's arrays ----------------------------------------------------------------------------
-def _lora_shapes(layout: Layout) -> dict[str, tuple[int, int]]:
-  """target -> (flattened input size, flattened output size) of its projection."""
-  shapes = lora_lib.target_shapes(layout.dim, layout.num_heads, layout.ffn_dim)
-  return {t: (int(np.prod(shapes[t][0])), int(np.prod(shapes[t][1])))
-          for t in layout.lora_targets}
-
-
+# -- the bank's arrays (numpy, in serving_loader.py: the standalone loader builds slots too) ------
 def shapes(layout: Layout) -> dict[str, Any]:
   """The bank's arrays as a tree of (shape, logical axes), every one with a slot axis.
   Per-block arrays are [block, slot, ...]."""
-  n, k, d = layout.num_blocks, layout.capacity, layout.dim
-  tree: dict[str, Any] = {'groups': {}}
-  for g in layout.groups:
-    r = g.bottleneck
-    slot = {'down': ((n, k, d, r), ('layers', None, 'embed', 'adapter')),
-            'down_bias': ((n, k, r), ('layers', None, 'adapter')),
-            'up': ((n, k, r, d), ('layers', None, 'adapter', 'embed')),
-            'up_bias': ((n, k, d), ('layers', None, 'embed'))}
-    if g.use_norm:
-      slot.update(scale=((n, k, d), ('layers', None, 'embed')),
-                  bias=((n, k, d), ('layers', None, 'embed')))
-    tree['groups'][g.key] = {s: dict(slot) for s in adapters_lib.PLACEMENTS[g.placement]}
-    tree['groups'][g.key]['weight'] = ((k,), (None,))
-  if layout.lora_rank:
-    r = layout.lora_rank
-    tree['lora'] = {t: {'a': ((n, k, i, r), ('layers', None, None, 'adapter')),
-                        'b': ((n, k, r, o), ('layers', None, 'adapter', None))}
-                    for t, (i, o) in _lora_shapes(layout).items()}
-    tree['lora_scale'] = ((k,), (None,))
-  if layout.vocab_size:
-    tree['ctc'] = {'kernel': ((k, d, layout.vocab_size), (None, 'embed', 'vocab')),
-                   'bias': ((k, layout.vocab_size), (None, 'vocab'))}
-  if layout.num_classes:
-    tree['classification'] = {'kernel': ((k, d, layout.num_classes), (None, 'embed', 'vocab')),
-                              'bias': ((k, layout.num_classes), (None, 'vocab'))}
-  return tree
-
-
-def _is_leaf(x) -> bool:
-  return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)
+  return loader.bank_shapes(layout.to_json())
 
 
 def empty(layout: Layout, sharding_of=None) -> dict[str, Any]:
@@ -205,93 +178,42 @@ def empty(layout: Layout, sharding_of=None) -> dict[str, Any]:
   `sharding_of(axes)`: where each array is placed (default: the default device)."""
   def make(leaf, path):
     shape, axes = leaf
-    value = jnp.full(shape, _fill(path), jnp.float32)
+    value = jnp.full(shape, loader.fill_value(path), jnp.float32)
     return jax.device_put(value, sharding_of(axes)) if sharding_of else value
-  return _map_with_path(make, shapes(layout))
-
-
-def _fill(path: tuple) -> float:
-  """Value of a free slot: PAD_LOGIT for head biases (so padded outputs never win), else 0."""
-  return PAD_LOGIT if path[-1] == 'bias' and path[0] in ('ctc', 'classification') else 0.0
-
-
-def _slot_axis(path: tuple) -> int:
-  """The slot axis of a bank array: 1 for per-block arrays [block, slot, ...], else 0."""
-  return 1 if path[0] in ('groups', 'lora') and path[-1] != 'weight' else 0
-
-
-def _map_with_path(fn, tree, path=()):
-  if _is_leaf(tree):
-    return fn(tree, path)
-  return {k: _map_with_path(fn, v, path + (k,)) for k, v in tree.items()}
+  return loader.map_with_path(make, shapes(layout))
 
 
 def slot_arrays(layout: Layout, spec: AdapterSpec, tensors: dict[str, np.ndarray],
                 name: str) -> dict[str, Any]:
   """One task's arrays in the bank's layout without the slot axis ([block, ...] per block):
   its adapters at its blocks, zeros elsewhere and in the padding; its head padded with
-  PAD_LOGIT biases. `tensors` are an adapter export's (names as `nnx` state paths)."""
+  PAD_LOGIT biases. `tensors` are an adapter export's (names as `nnx` state paths). Refuses a
+  task the layout cannot hold."""
   layout.check(spec, name)
-
-  out = free_slot(layout)
-
-  def get(key: str) -> np.ndarray:
-    if key not in tensors:
-      raise SpecMismatchError(f'task {name!r}: its export lacks {key}; re-export it with '
-                              'launch/export.py --kind=adapter')
-    return np.asarray(tensors[key], np.float32)
-
-  blocks = list(spec.blocks or ())
-  if spec.placement == 'lora':
-    for target in spec.lora_targets:
-      dst = out['lora'][target]
-      a = get(f'encoder/adapters/slots/{target}/a/kernel')
-      b = get(f'encoder/adapters/slots/{target}/b/kernel')
-      a = a.reshape(len(blocks), -1, spec.bottleneck)
-      b = b.reshape(len(blocks), spec.bottleneck, -1)
-      dst['a'][blocks, :, :spec.bottleneck] = a
-      dst['b'][blocks, :spec.bottleneck, :] = b
-    out['lora_scale'] = np.float32(spec.lora_alpha / spec.bottleneck)
-  elif spec.placement != 'none':
-    group = layout.group_of(spec)
-    dst, r = out['groups'][group.key], spec.bottleneck
-    for slot in adapters_lib.PLACEMENTS[spec.placement]:
-      prefix = f'encoder/adapters/slots/{slot}'
-      dst[slot]['down'][blocks, :, :r] = get(f'{prefix}/down/kernel')
-      dst[slot]['down_bias'][blocks, :r] = get(f'{prefix}/down/bias')
-      dst[slot]['up'][blocks, :r, :] = get(f'{prefix}/up/kernel')
-      dst[slot]['up_bias'][blocks] = get(f'{prefix}/up/bias')
-      if group.use_norm:
-        dst[slot]['scale'][blocks] = get(f'{prefix}/norm/scale')
-        dst[slot]['bias'][blocks] = get(f'{prefix}/norm/bias')
-    dst['weight'] = np.float32(spec.residual_weight)
-  head = out['ctc' if spec.head_kind == 'ctc' else 'classification']
-  head['kernel'][:, :spec.head_size] = get('head/proj/kernel')
-  head['bias'][:spec.head_size] = get('head/proj/bias')
-  return out
+  try:
+    return loader.slot_arrays(layout.to_json(), spec.to_json(), tensors)
+  except KeyError as e:
+    raise SpecMismatchError(f'task {name!r}: its export lacks {e.args[0]}; re-export it with '
+                            'launch/export.py --kind=adapter') from e
 
 
 def free_slot(layout: Layout) -> dict[str, Any]:
   """The arrays of a free slot (`write_slot` them to remove a task): zero adapters, PAD_LOGIT
   head biases."""
-  def zeros(leaf, path):
-    shape = list(leaf[0])
-    del shape[_slot_axis(path)]
-    return np.full(shape, _fill(path), np.float32)
-  return _map_with_path(zeros, shapes(layout))
+  return loader.free_slot(layout.to_json())
 
 
 def write_slot(bank: dict[str, Any], slot, arrays: dict[str, Any]) -> dict[str, Any]:
   """`bank` with slot `slot` (a traced index: one program for every slot) set to `arrays`
   (`slot_arrays` or `free_slot`). Jit it with the bank donated."""
   def put(dst, src, path):
-    return dst.at[(slice(None),) * _slot_axis(path) + (slot,)].set(src)
+    return dst.at[(slice(None),) * loader.slot_axis(path) + (slot,)].set(src)
   return _map2(put, bank, arrays)
 
 
 def read_slot(bank: dict[str, Any], slot: int) -> dict[str, Any]:
   """The arrays of slot `slot` of `bank` (as `slot_arrays` wrote them)."""
-  return _map2(lambda a, _, path: jnp.take(a, slot, axis=_slot_axis(path)), bank, bank)
+  return _map2(lambda a, _, path: jnp.take(a, slot, axis=loader.slot_axis(path)), bank, bank)
 
 
 def _map2(fn, a, b, path=()):

@@ -227,6 +227,88 @@ def export_serving(workdir: str, output: str,
   return {**manifest, 'bytes': sizes}
 
 
+MULTITASK_FORMAT = 'tpa_jax.multitask_serving/1'
+
+
+def export_multitask(config: ml_collections.ConfigDict, adapters: dict[str, str], output: str, *,
+                     capacity: int, platforms: Sequence[str] = ('cpu', 'cuda', 'tpu'),
+                     mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Writes a multi-task serving bundle: the base of `config.base.path` once
+  (`base.safetensors`), and the function (base weights, adapter bank, features, mask, each row's
+  utterance and task slot, shared depth) -> per-row logits, serialised with `jax.export` with
+  the utterance, row and frame counts symbolic. The bank's layout (`manifest.json`) holds the
+  kinds of task of `adapters` (exports of that base) in `capacity` slots; a task is added to a
+  loaded bundle from its adapter export alone (serving_loader.MultiTaskBundle.add)."""
+  from tpa_jax.infer import bank as bank_lib  # pylint: disable=import-outside-toplevel
+  from tpa_jax.infer import multitask  # pylint: disable=import-outside-toplevel
+  from tpa_jax.infer import serving_loader  # pylint: disable=import-outside-toplevel
+  mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
+  cfg = multitask.base_config(config)
+  model = trainer_lib.load_model(cfg, mesh)
+  fingerprint = checkpoint.base_fingerprint(cfg.model, model)
+  specs = {name: read_spec(path) for name, path in adapters.items()}
+  for name, spec in specs.items():
+    if spec.base_fingerprint != fingerprint['id']:
+      raise SpecMismatchError(f'{adapters[name]} was trained on base {spec.base_fingerprint}, '
+                              f'the bundle\'s base is {fingerprint["id"]}')
+  layout = bank_lib.layout_for(specs.values(), cfg.model, capacity=capacity)
+  graphdef, state = nnx.split(model.encoder)
+  weights = flat_arrays(state)
+  flat_state = nnx.to_flat_state(state)
+  bank_shapes = serving_loader.flatten(serving_loader.map_with_path(
+      lambda leaf, _: jax.ShapeDtypeStruct(leaf[0], jnp.float32), bank_lib.shapes(layout)))
+  dtype = jnp.dtype(config.model.dtype)
+
+  def serve(weights, bank, features, mask, row_utterance, task_ids, depth):
+    encoder = nnx.merge(graphdef, nnx.from_flat_state(
+        [(p, v.replace(weights[_name(p)])) for p, v in flat_state]))
+    tree: dict = {}
+    for key, value in bank.items():
+      *parents, leaf = key.split('.')
+      node = tree
+      for part in parents:
+        node = node.setdefault(part, {})
+      node[leaf] = value
+    x, out_mask = bank_lib.prefix(encoder, features, mask, depth)
+    x = jnp.take(x, row_utterance, axis=0)
+    out_mask = jnp.take(out_mask, row_utterance, axis=0)
+    out = bank_lib.suffix(encoder, layout, tree, x, out_mask, task_ids, depth, dtype=dtype)
+    return out, out_mask
+
+  u, r, t = jax.export.symbolic_shape('u, r, t', constraints=('t >= 16',))
+  input_dim = config.model.frontend.input_dim
+  args = ({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}, bank_shapes,
+          jax.ShapeDtypeStruct((u, t, input_dim), jnp.float32),
+          jax.ShapeDtypeStruct((u, t), jnp.bool_), jax.ShapeDtypeStruct((r,), jnp.int32),
+          jax.ShapeDtypeStruct((r,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+  exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(*args)
+  manifest = {
+      'format': MULTITASK_FORMAT, 'base_fingerprint': fingerprint['id'],
+      'layout': layout.to_json(), 'tasks_shaping_the_layout': sorted(adapters),
+      'inputs': {'base': 'base.safetensors', 'bank': 'names as serving_loader.flatten',
+                 'features': ['utterances', 'frames', input_dim],
+                 'mask': ['utterances', 'frames'], 'row_utterance': ['rows'],
+                 'task_ids': ['rows'], 'depth': []},
+      'min_frames': 16,
+      'outputs': {'ctc': ['rows', 'out_frames', layout.vocab_size],
+                  'classification': ['rows', layout.num_classes],
+                  'mask': ['rows', 'out_frames']},
+      'features': config.features.to_dict(), 'platforms': list(exported.platforms),
+  }
+
+  def write(path):
+    os.makedirs(path)
+    with open(os.path.join(path, 'function.jaxexport'), 'wb') as f:
+      f.write(exported.serialize())
+    safetensors_np.save_file(weights, os.path.join(path, 'base.safetensors'))
+    with open(os.path.join(path, 'manifest.json'), 'w') as f:
+      json.dump(manifest, f, indent=2)
+
+  _write_atomically(output, write, bundle=True)
+  sizes = {name: os.path.getsize(os.path.join(output, name)) for name in os.listdir(output)}
+  return {**manifest, 'bytes': sizes}
+
+
 def _write_atomically(output: str, write, *, bundle: bool = False) -> None:
   """`write(tmp)`, then the result replaces `output` only once it is complete: a failed export
   never leaves half a file, nor loses the previous one. Only an earlier export of the same
