@@ -73,6 +73,8 @@ def decode_wav(data: bytes, sample_rate_hz: int) -> np.ndarray:
     raise AudioError(f'sampled at {rate} Hz; {accepted}')
   if not frames:
     raise AudioError(f'no samples; {accepted}')
+  if len(frames) % 2:
+    raise AudioError(f'a truncated file (an odd number of data bytes); {accepted}')
   return np.frombuffer(frames, '<i2').copy()
 
 

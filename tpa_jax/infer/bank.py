@@ -269,7 +269,8 @@ class _Rows:
   def adapt(self, slot: str, x: jax.Array, y: jax.Array) -> jax.Array:
     groups = [g for g in self.layout.groups if slot in adapters_lib.PLACEMENTS[g.placement]]
     for group in sorted(groups, key=lambda g: g.sequential):  # parallel ones first
-      weight = self.select(self.per_task['groups'][group.key])[:, None, None]
+      # In the compute dtype, as the single-task path's Python-float residual weight.
+      weight = self.select(self.per_task['groups'][group.key])[:, None, None].astype(y.dtype)
       y = y + weight * self._adapter(group, self.layer['groups'][group.key][slot],
                                      y if group.sequential else x)
     return y

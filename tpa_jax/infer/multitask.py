@@ -66,6 +66,14 @@ class UnknownTaskError(UserError):
   """A request names a task that is not served."""
 
 
+class AudioLengthError(UserError):
+  """Audio longer than the longest length bucket."""
+
+
+class SlotError(UserError):
+  """A task cannot take a slot: the bank is full, or the name is taken."""
+
+
 def read_task(path: str) -> tuple[AdapterSpec, dict[str, np.ndarray], object | None,
                                   list[str] | None]:
   """(spec, tensors, tokenizer, class labels) of an adapter export."""
@@ -162,14 +170,15 @@ class MultiTaskModel:
   def warmup(self) -> list[tuple[int, int, int]]:
     """Compiles (or loads from the compilation cache) every program; returns their shapes."""
     with jax.set_mesh(self.mesh):
+      # Rewriting slot 0 with what it holds compiles the slot writer (host arrays, as `add`),
+      # first: the programs below then see the bank as every later call will.
+      self.bank = self._write(self.bank, np.int32(0),
+                              jax.device_get(bank_lib.read_slot(self.bank, 0)))
       for u, r, s in self.program_shapes():
         audio, lengths = np.zeros((u, s), np.int16), np.full((u,), s, np.int32)
         x, mask = self._prefix(audio, lengths, np.int32(0))
         zeros = np.zeros((r,), np.int32)
         jax.block_until_ready(self._suffix(self.bank, x, mask, zeros, zeros, np.int32(0)))
-      # Rewriting slot 0 with what it holds compiles the slot writer (host arrays, as `add`).
-      self.bank = self._write(self.bank, np.int32(0),
-                              jax.device_get(bank_lib.read_slot(self.bank, 0)))
     logging.info('compiled %d shapes (utterances, rows, samples): %s',
                  len(self.program_shapes()), self.program_shapes())
     return self.program_shapes()
@@ -185,7 +194,7 @@ class MultiTaskModel:
 
   def _add(self, name: str, path: str, loaded) -> Task:
     spec, tensors, tokenizer, labels = loaded
-    if not name or any(c in name for c in ',=/ \t'):
+    if not isinstance(name, str) or not name or any(c in name for c in ',=/ \t'):
       raise UserError(f'task name {name!r}: use letters, digits, - or _')
     if spec.base_fingerprint != self.fingerprint:
       raise SpecMismatchError(
@@ -194,12 +203,12 @@ class MultiTaskModel:
     arrays = bank_lib.slot_arrays(self.layout, spec, tensors, name)
     with self.lock:
       if name in self.tasks:
-        raise UserError(f'task {name!r} is already served (slot {self.tasks[name].slot}); '
+        raise SlotError(f'task {name!r} is already served (slot {self.tasks[name].slot}); '
                         'remove it first')
       used = {t.slot for t in self.tasks.values()}
       free = [s for s in range(self.layout.capacity) if s not in used]
       if not free:
-        raise UserError(f'the bank is full: its capacity is {self.layout.capacity} tasks '
+        raise SlotError(f'the bank is full: its capacity is {self.layout.capacity} tasks '
                         f'({sorted(self.tasks)}); remove one or restart with a larger '
                         '--capacity')
       with jax.set_mesh(self.mesh):
@@ -230,7 +239,7 @@ class MultiTaskModel:
     if audio.ndim != 1 or not len(audio):
       raise UserError('the audio is empty; send at least one 25 ms frame of 16-bit PCM')
     if len(audio) > self.max_samples:
-      raise UserError(f'the audio lasts {len(audio) / self.sample_rate_hz:.2f} s, longer than '
+      raise AudioLengthError(f'the audio lasts {len(audio) / self.sample_rate_hz:.2f} s, longer than '
                       f'the {self.max_samples / self.sample_rate_hz:.2f} s accepted')
     if self.featurizer.frames(len(audio)) < 1:
       raise UserError(f'the audio has {len(audio)} samples, fewer than one feature frame '
@@ -375,7 +384,12 @@ def transcribe(model: MultiTaskModel, input_path: str, output_path: str,
   batches = model.plan_batches([len(a) for _, _, a, _ in items], [n for *_, n in items])
   last_log, done = time.time(), 0
   for batch in batches:
-    outs = model.infer([items[i][2] for i in batch], [items[i][3] for i in batch])
+    try:
+      outs = model.infer([items[i][2] for i in batch], [items[i][3] for i in batch])
+    except Exception as e:  # pylint: disable=broad-except  (a long run goes on)
+      for i in batch:
+        skip(items[i][0], 'batch failed', f'{type(e).__name__}: {e}')
+      outs = [None] * len(batch)
     for i, out in zip(batch, outs):
       results[i] = out
     done += len(batch)
@@ -388,9 +402,11 @@ def transcribe(model: MultiTaskModel, input_path: str, output_path: str,
   tmp = output_path + '.partial'
   with open(tmp, 'w') as f:
     for i, (line_no, path, _, _) in enumerate(items):
-      f.write(json.dumps({'input': path, 'line': line_no, 'results': results[i]}) + '\n')
+      if results[i] is not None:
+        f.write(json.dumps({'input': path, 'line': line_no, 'results': results[i]}) + '\n')
   os.replace(tmp, output_path)
-  summary = {'inputs': len(items) + sum(skipped.values()), 'written': len(items),
+  written = sum(r is not None for r in results.values())
+  summary = {'inputs': written + sum(skipped.values()), 'written': written,
              'skipped': sum(skipped.values()), 'skipped_by_reason': dict(skipped),
              'batches': len(batches), 'seconds': round(time.time() - start, 1)}
   return summary

@@ -24,7 +24,8 @@ import numpy as np
 
 from tpa_jax.data import pcm
 from tpa_jax.errors import SpecMismatchError, UserError
-from tpa_jax.infer.multitask import MultiTaskModel, UnknownTaskError
+from tpa_jax.infer.multitask import (AudioLengthError, MultiTaskModel, SlotError,
+                                     UnknownTaskError)
 
 # Upper bounds of the batch-size histogram (rows).
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -125,6 +126,8 @@ class Batcher:
     request = _Request(audio, list(tasks), bucket, time.monotonic(),
                        concurrent.futures.Future())
     with self.cond:
+      if not self.running:
+        raise RequestError(503, 'the server is shutting down')
       self.queue.append(request)
       self.cond.notify()
     return request.future
@@ -134,10 +137,15 @@ class Batcher:
       return len(self.queue)
 
   def close(self) -> None:
+    """Stops the batcher; requests still waiting get an error."""
     with self.cond:
       self.running = False
       self.cond.notify()
+      waiting, self.queue = list(self.queue), collections.deque()
     self.thread.join()
+    for r in waiting:
+      if r.future.set_running_or_notify_cancel():
+        r.future.set_exception(RequestError(503, 'the server is shutting down'))
 
   def _take(self) -> list[_Request] | None:
     """The next batch, once it is full or its oldest request has waited max_wait."""
@@ -157,7 +165,9 @@ class Batcher:
         if rows >= limit or remaining <= 0:
           for r in batch:
             self.queue.remove(r)
-          return batch
+          # A request whose client went away (its future cancelled) is dropped here; the
+          # others can no longer be cancelled, so their results are always delivered.
+          return [r for r in batch if r.future.set_running_or_notify_cancel()]
         self.cond.wait(timeout=remaining)
       return None
 
@@ -259,17 +269,23 @@ def create_app(model: MultiTaskModel, batcher: Batcher):
         future = batcher.submit(audio, tasks)
       except UnknownTaskError as e:
         raise RequestError(404, str(e)) from e
+      except AudioLengthError as e:
+        raise RequestError(413, str(e)) from e
       except UserError as e:
-        too_long = 'longer than' in str(e)
-        raise RequestError(413 if too_long else 400, str(e)) from e
-      results = await asyncio.wrap_future(future)
-    except RequestError as e:
+        raise RequestError(400, str(e)) from e
+    except RequestError as e:  # refused before it waited: counted here
       batcher.metrics.request(tasks or ['-'], f'http_{e.status}')
+      return error(e.status, str(e))
+    try:
+      results = await asyncio.wrap_future(future)
+    except RequestError as e:  # answered by the batcher, which counted it
       return error(e.status, str(e))
     return {'results': results}
 
+  # Handlers that take the model's lock are plain functions: FastAPI runs them in its thread
+  # pool, so a batch holding the lock never stalls the event loop.
   @app.get('/v1/tasks')
-  async def list_tasks():
+  def list_tasks():
     with model.lock:
       return {'capacity': model.layout.capacity, 'layout': model.layout.describe(),
               'base_fingerprint': model.fingerprint,
@@ -281,14 +297,16 @@ def create_app(model: MultiTaskModel, batcher: Batcher):
     try:
       payload = json.loads(await request.body())
       name, path = payload['name'], payload['path']
+      if not isinstance(name, str) or not isinstance(path, str):
+        raise TypeError(name)
     except (ValueError, KeyError, TypeError):
-      return error(400, 'send {"name": NAME, "path": ADAPTER_EXPORT}')
+      return error(400, 'send {"name": NAME, "path": ADAPTER_EXPORT} (two strings)')
     try:
       task = await asyncio.get_running_loop().run_in_executor(None, model.add, name, path)
-    except SpecMismatchError as e:
+    except (SpecMismatchError, SlotError) as e:  # another base, no room, the name taken
       return error(409, str(e))
     except UserError as e:
-      return error(409 if 'full' in str(e) or 'already' in str(e) else 400, str(e))
+      return error(400, str(e))
     return task.describe()
 
   @app.delete('/v1/tasks/{name}')
@@ -300,8 +318,10 @@ def create_app(model: MultiTaskModel, batcher: Batcher):
     return {'removed': task.describe()}
 
   @app.get('/healthz')
-  async def healthz():
-    return {'status': 'ok', 'tasks': sorted(model.tasks), 'compilations': model.compilations()}
+  def healthz():
+    with model.lock:
+      tasks = sorted(model.tasks)
+    return {'status': 'ok', 'tasks': tasks, 'compilations': model.compilations()}
 
   @app.get('/metrics')
   async def metrics():

@@ -216,15 +216,28 @@ class MultiTaskBundle:
     if name in self.tasks or not free:
       raise ValueError(f'cannot add {name!r}: ' + ('already added' if name in self.tasks else
                        f'the bank is full (capacity {self.layout["capacity"]})'))
-    arrays = slot_arrays(self.layout, spec, tensors)
-
-    def put(dst, path):
-      index = (slice(None),) * slot_axis(path) + (free[0],)
-      dst[index] = _get(arrays, path)
-      return dst
-    map_with_path(put, self.bank)
+    if spec['trainable'] not in ('adapters', 'head'):
+      raise ValueError(f'{adapters_path} trained {spec["trainable"]!r} weights; a bank serves '
+                       'adapter and head-only tasks over a frozen base')
+    try:
+      arrays = slot_arrays(self.layout, spec, tensors)
+    except (KeyError, ValueError, IndexError) as e:
+      raise ValueError(f'{adapters_path} does not fit this bundle\'s bank (layout '
+                       f'{self.layout}): {type(e).__name__}: {e}') from e
+    self._write(free[0], arrays)
     self.tasks[name] = (free[0], spec)
     return free[0]
+
+  def remove(self, name: str) -> None:
+    """Frees `name`'s slot (zeroed: nothing of it reaches another task)."""
+    slot, _ = self.tasks.pop(name)
+    self._write(slot, free_slot(self.layout))
+
+  def _write(self, slot: int, arrays: dict) -> None:
+    def put(dst, path):
+      dst[(slice(None),) * slot_axis(path) + (slot,)] = _get(arrays, path)
+      return dst
+    map_with_path(put, self.bank)
 
   def __call__(self, features, mask, tasks):
     features = np.asarray(features, np.float32)
