@@ -107,7 +107,11 @@ def test_mixed_batches_equal_each_task_model_on_1_and_4_devices(served, mesh1, m
     model.warmup()
     compiled = model.compilations()
     outputs[mesh] = model.infer(audio, asks)
+    # Rows after the shared prefix in chunks of 2 (4 rows of 2 utterances: 2 chunks).
+    chunked = model.infer(audio[:2], [['serial', 'tpa', 'lora'], ['lid']], suffix_rows=2)
     assert model.compilations() == compiled
+    for u, names in enumerate([['serial', 'tpa', 'lora'], ['lid']]):
+      assert_same(chunked[u], [reference(config, models, n, audio[u]) for n in names])
   for u, names in enumerate(asks):
     want = [reference(config, models, n, audio[u]) for n in names]
     assert_same(outputs[mesh1][u], want)

@@ -249,14 +249,15 @@ class MultiTaskModel:
     return self.batch_sizes[-1]
 
   def infer(self, utterances: Sequence[np.ndarray], tasks: Sequence[Sequence[str]], *,
-            locked: bool = False) -> list[list[dict]]:
+            locked: bool = False, suffix_rows: int | None = None) -> list[list[dict]]:
     """For each utterance (int16 samples) and each of its task names, that task's result:
     {'task', 'text'} or {'task', 'label', 'probability'}. All of them in one batch: at most
     `rows_per_batch()` rows (utterance x task) of one length bucket; use `plan_batches` to cut
-    a larger set. `locked`: the caller holds `self.lock` (no slot changes meanwhile)."""
+    a larger set. `locked`: the caller holds `self.lock` (no slot changes meanwhile).
+    `suffix_rows`: run the rows after the shared prefix in batches of about this many."""
     if not locked:
       with self.lock:
-        return self.infer(utterances, tasks, locked=True)
+        return self.infer(utterances, tasks, locked=True, suffix_rows=suffix_rows)
     rows = [(u, self.task(name)) for u, names in enumerate(tasks) for name in names]
     if not rows:
       return [[] for _ in utterances]
@@ -265,7 +266,10 @@ class MultiTaskModel:
     for audio in utterances:
       self.check_audio(audio)
     bu = next(b for b in self.batch_sizes if b >= len(utterances))
-    br = next(b for b in self.batch_sizes if b >= max(len(rows), bu))  # a compiled pair
+    # Rows run in chunks of a compiled batch size no smaller than the utterances' (one chunk
+    # unless `suffix_rows` asks for smaller ones), all from the one prefix.
+    want = len(rows) if suffix_rows is None else min(suffix_rows, len(rows))
+    chunk = next(b for b in self.batch_sizes if b >= max(want, bu))  # a compiled pair
     s = next(s for s in self.length_buckets if s >= max(len(a) for a in utterances))
     audio = np.zeros((bu, s), np.int16)
     lengths = np.full((bu,), s, np.int32)  # padding utterances: full length, never read
@@ -273,15 +277,18 @@ class MultiTaskModel:
       audio[i, :len(a)], lengths[i] = a, len(a)
     lows = [t.lowest_block for _, t in rows]
     depth = min([lo for lo in lows if lo is not None], default=self.layout.num_blocks)
-    row_utterance = np.zeros((br,), np.int32)
-    task_ids = np.zeros((br,), np.int32)
+    padded = -(-len(rows) // chunk) * chunk
+    row_utterance = np.zeros((padded,), np.int32)
+    task_ids = np.zeros((padded,), np.int32)
     for i, (u, t) in enumerate(rows):
       row_utterance[i], task_ids[i] = u, t.slot
     with jax.set_mesh(self.mesh):
       x, mask = self._prefix(audio, lengths, np.int32(depth))
-      out, out_mask = self._suffix(self.bank, x, mask, row_utterance, task_ids, np.int32(depth))
-      out = jax.device_get(out)
-      out_mask = np.asarray(out_mask)
+      parts = [jax.device_get(self._suffix(self.bank, x, mask, row_utterance[i:i + chunk],
+                                           task_ids[i:i + chunk], np.int32(depth)))
+               for i in range(0, padded, chunk)]
+    out = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+    out_mask = np.concatenate([np.asarray(p[1]) for p in parts])
     results: list[list[dict]] = [[] for _ in utterances]
     for i, (u, t) in enumerate(rows):
       if t.spec.head_kind == 'ctc':
