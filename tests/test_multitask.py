@@ -157,6 +157,39 @@ def test_tasks_are_added_and_removed_without_compiling_and_bad_ones_refused(serv
   with pytest.raises(UserError, match=r'lasts 2.00 s, longer than the 1.00 s accepted'):
     model.infer([np.zeros(32000, np.int16)], [['tpa']])
 
+  # The batcher: requests of a task removed while they wait get a 404 (never another task's
+  # output, though another task took the slot); a failed batch answers its requests with the
+  # error, and the next batch is served.
+  from tpa_jax.infer import server
+  model.add('lid', exports['lid'])
+  batcher = server.Batcher(model, max_wait_ms=1500)
+  try:
+    waiting = batcher.submit(audio[0], ['lid'])  # waits up to 1.5 s for its batch to fill
+    model.remove('lid')
+    model.add('lid2', exports['lid'])  # the same slot, another task's name
+    with pytest.raises(server.RequestError, match=r"task 'lid' was removed before this "
+                       r"request ran; the tasks served are \['lid2', 'tpa'\]") as e:
+      waiting.result(timeout=60)
+    assert e.value.status == 404
+    real_infer, calls = model.infer, []
+
+    def failing_once(*args, **kw):
+      calls.append(1)
+      if len(calls) == 1:
+        raise RuntimeError('injected device failure')
+      return real_infer(*args, **kw)
+    model.infer = failing_once
+    first = [batcher.submit(audio[1], ['tpa']) for _ in range(2)]  # one batch
+    for f in first:
+      with pytest.raises(server.RequestError, match='the batch failed: RuntimeError: injected'):
+        f.result(timeout=60)
+    again = batcher.submit(audio[1], ['tpa', 'lid2']).result(timeout=60)
+    assert_same(again, [before[1][0], {**reference(config, models, 'lid', audio[1]),
+                                       'task': 'lid2'}])
+  finally:
+    batcher.close()
+  assert model.compilations() == compiled
+
 
 def test_transcribe_writes_one_line_per_input_and_counts_skipped_ones(served, tmp_path):
   config, exports, models, root = served
@@ -341,38 +374,3 @@ assert not any(m.startswith('tpa_jax') for m in sys.modules), 'the loader import
       want = want[np.asarray(mask[int(u)])]
     np.testing.assert_allclose(out[key], want, atol=1e-5, rtol=0, err_msg=key)
 
-
-def test_the_batcher_answers_removed_tasks_and_failed_batches_and_keeps_serving(served, mesh1):
-  from tpa_jax.infer import server
-  config, exports, models, _ = served
-  model = multitask.MultiTaskModel(config, mesh1, tasks={n: exports[n] for n in ('tpa', 'lid')},
-                                   capacity=2, batch_sizes=(4,))
-  model.warmup()
-  batcher = server.Batcher(model, max_wait_ms=1500)
-  try:
-    audio = utterances(4, (9000, 7000))
-    waiting = batcher.submit(audio[0], ['lid'])  # waits up to 1.5 s for its batch to fill
-    model.remove('lid')
-    model.add('lid2', exports['lid'])  # the same slot, another task's name
-    with pytest.raises(server.RequestError, match=r"task 'lid' was removed before this "
-                       r"request ran; the tasks served are \['lid2', 'tpa'\]") as e:
-      waiting.result(timeout=60)
-    assert e.value.status == 404
-    # A batch that fails answers its requests with the error; the next batch is served.
-    real_infer, calls = model.infer, []
-
-    def failing_once(*args, **kw):
-      calls.append(1)
-      if len(calls) == 1:
-        raise RuntimeError('injected device failure')
-      return real_infer(*args, **kw)
-    model.infer = failing_once
-    first = [batcher.submit(a, ['tpa']) for a in audio]
-    for f in first:
-      with pytest.raises(server.RequestError, match='the batch failed: RuntimeError: injected'):
-        f.result(timeout=60)
-    again = batcher.submit(audio[1], ['tpa', 'lid2']).result(timeout=60)
-    assert_same(again, [reference(config, models, 'tpa', audio[1]),
-                        {**reference(config, models, 'lid', audio[1]), 'task': 'lid2'}])
-  finally:
-    batcher.close()
