@@ -1,0 +1,193 @@
+"""BEST-RQ (Chiu et al. 2022, arXiv 2202.01855): self-supervised targets from a random-projection
+quantizer that never trains, masked spans replaced by noise, and a loss over masked frames.
+
+- Targets: input features stacked to the encoder's frame rate (`stack` feature frames per
+  encoder frame) are projected by a fixed random matrix, L2-normalised, and matched to the
+  nearest entry of a fixed, L2-normalised random codebook: one target per codebook per frame.
+  A frame's target depends on its own features only, so padding never changes it.
+- Masking: each valid encoder frame starts a masked span with probability `mask_prob`; a span
+  covers `mask_span` encoder frames; the feature frames under masked encoder frames are
+  replaced by Gaussian noise (`noise_std`).
+- Loss: a softmax head per codebook on the encoder output; cross-entropy at masked valid
+  frames only, averaged over those frames and the codebooks.
+
+The projection and codebooks are `FixedArray`s: saved with the run, matched by no trainable
+filter (they are not Params), so they get no gradient and no optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from tpa_jax.errors import ConfigError
+from tpa_jax.nn.layers import Dense
+from tpa_jax.nn.params import HeadParam
+
+
+class FixedArray(nnx.Variable):
+  """Fixed random state of a run (BEST-RQ's projection and codebooks): not a Param, so no
+  trainable filter matches it."""
+
+
+def ssl_fields() -> ml_collections.ConfigDict:
+  """BEST-RQ: the quantizer, masking and noise."""
+  s = ml_collections.ConfigDict()
+  # Codebook entries (targets per codebook), their dimension, and independent codebooks.
+  s.codebook_size = 8192
+  s.code_dim = 16
+  s.num_codebooks = 1
+  # Feature frames stacked per target: 0 takes the frontend's subsampling factor (it must be
+  # that factor: one target per encoder frame).
+  s.stack = 0
+  # Each valid encoder frame starts a masked span with this probability; spans cover this many
+  # encoder frames.
+  s.mask_prob = 0.01
+  s.mask_span = 10
+  # Standard deviation of the noise that replaces masked features.
+  s.noise_std = 0.1
+  return s
+
+
+def frontend_stack(model_config) -> int:
+  """Feature frames per encoder frame of the frontend of `model_config`."""
+  f = model_config.frontend
+  return f.stack if f.kind == 'stacked' else f.stride ** f.num_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  codebook_size: int
+  code_dim: int
+  num_codebooks: int
+  stack: int
+  mask_prob: float
+  mask_span: int
+  noise_std: float
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, *,
+                  shortest_frames: int | None = None) -> 'Settings':
+    """Checks `config.ssl` against the model (and the shortest bucket's encoder frames) and
+    names any field that is not accepted, before anything compiles."""
+    s, expected = config.ssl, frontend_stack(config.model)
+    stack = s.stack or expected
+    if stack != expected:
+      raise ConfigError(f'ssl.stack={s.stack}: targets must come one per encoder frame; the '
+                        f'{config.model.frontend.kind} frontend stacks {expected} feature frames '
+                        f'per encoder frame (accepted: 0 or {expected})')
+    if not (isinstance(s.codebook_size, int) and s.codebook_size >= 2):
+      raise ConfigError(f'ssl.codebook_size={s.codebook_size!r}: an integer >= 2 is accepted')
+    for name in ('code_dim', 'num_codebooks', 'mask_span'):
+      if not (isinstance(s[name], int) and s[name] >= 1):
+        raise ConfigError(f'ssl.{name}={s[name]!r}: a positive integer is accepted')
+    if not 0 < s.mask_prob < 1:
+      raise ConfigError(f'ssl.mask_prob={s.mask_prob!r}: a probability in (0, 1) is accepted')
+    if not s.noise_std >= 0:
+      raise ConfigError(f'ssl.noise_std={s.noise_std!r}: a number >= 0 is accepted')
+    if shortest_frames is not None and s.mask_span > shortest_frames:
+      raise ConfigError(f'ssl.mask_span={s.mask_span} encoder frames is longer than the shortest '
+                        f'bucket ({shortest_frames} encoder frames); accepted: 1 .. '
+                        f'{shortest_frames}')
+    return cls(s.codebook_size, s.code_dim, s.num_codebooks, stack, float(s.mask_prob),
+               s.mask_span, float(s.noise_std))
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
+
+
+class RandomProjectionQuantizer(nnx.Module):
+  """Stacked features -> one target per codebook per frame; fixed at creation."""
+
+  def __init__(self, input_dim: int, settings: Settings, *, rngs: nnx.Rngs):
+    s = settings
+    k_proj, k_code = jax.random.split(rngs.params())
+    fan_in = s.stack * input_dim
+    # Xavier-normal projection (the paper's initialisation), a standard-normal codebook.
+    std = (2.0 / (fan_in + s.code_dim)) ** 0.5
+    self.stack = s.stack
+    self.projection = FixedArray(
+        std * jax.random.normal(k_proj, (s.num_codebooks, fan_in, s.code_dim), jnp.float32))
+    self.codebooks = FixedArray(_l2_normalize(jax.random.normal(
+        k_code, (s.num_codebooks, s.codebook_size, s.code_dim), jnp.float32)))
+
+  def stacked(self, features_btf: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[B, T // stack, stack * F] frames and their mask (valid iff every stacked frame is)."""
+    b, t, f = features_btf.shape
+    n = t // self.stack
+    x = features_btf[:, :n * self.stack].reshape(b, n, self.stack * f)
+    m = mask_bt[:, :n * self.stack].reshape(b, n, self.stack).all(-1)
+    return x, m
+
+  def __call__(self, features_btf: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(targets [B, T // stack, num_codebooks] int32, their mask)."""
+    x, m = self.stacked(features_btf.astype(jnp.float32), mask_bt)
+    projected = _l2_normalize(jnp.einsum('btf,nfd->btnd', x, self.projection[...],
+                                         precision=jax.lax.Precision.HIGHEST))
+    # Nearest normalised codeword = largest inner product (both sides have unit norm).
+    scores = jnp.einsum('btnd,ncd->btnc', projected, self.codebooks[...],
+                        precision=jax.lax.Precision.HIGHEST)
+    return jnp.argmax(scores, -1).astype(jnp.int32), m
+
+
+def span_mask(key: jax.Array, valid_bt: jax.Array, prob: float, span: int) -> jax.Array:
+  """[B, T] bool: frames covered by spans of `span` frames that start at valid frames with
+  probability `prob` (at least one span per utterance with a valid frame)."""
+  b, t = valid_bt.shape
+  k_start, k_force = jax.random.split(key)
+  starts = jax.random.bernoulli(k_start, prob, (b, t)) & valid_bt
+  # An utterance that drew no start gets one at a random valid frame: every example trains.
+  lengths = valid_bt.sum(-1)
+  forced = (jax.random.uniform(k_force, (b,)) * jnp.maximum(lengths, 1)).astype(jnp.int32)
+  none = ~starts.any(-1) & (lengths > 0)
+  starts = starts | (none[:, None] & (jnp.arange(t)[None, :] == forced[:, None]))
+  # Frame t is masked if a span started in [t - span + 1, t].
+  covered = jax.lax.reduce_window(starts.astype(jnp.int32), 0, jax.lax.add, (1, span), (1, 1),
+                                  [(0, 0), (span - 1, 0)])
+  return (covered > 0) & valid_bt
+
+
+def mask_features(key: jax.Array, features_btf: jax.Array, masked_bt: jax.Array, stack: int,
+                  noise_std: float) -> jax.Array:
+  """Features with the `stack` feature frames under each masked encoder frame replaced by
+  Gaussian noise."""
+  b, t, f = features_btf.shape
+  per_frame = jnp.repeat(masked_bt, stack, axis=1)
+  per_frame = jnp.pad(per_frame, ((0, 0), (0, t - per_frame.shape[1])))[:, :t]
+  noise = noise_std * jax.random.normal(key, features_btf.shape, jnp.float32)
+  return jnp.where(per_frame[..., None], noise.astype(features_btf.dtype), features_btf)
+
+
+class PredictionHeads(nnx.Module):
+  """A softmax head per codebook on the encoder output: logits [B, T, N, codebook_size]."""
+
+  def __init__(self, dim: int, settings: Settings, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.num_codebooks, self.codebook_size = settings.num_codebooks, settings.codebook_size
+    self.proj = Dense(dim, (settings.num_codebooks, settings.codebook_size),
+                      axes=('embed', None, 'vocab'), dtype=dtype, param_dtype=jnp.float32,
+                      param_type=HeadParam, out_dtype=jnp.float32, rngs=rngs)
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    return self.proj(x_btd)
+
+
+def masked_prediction_loss(logits_btnc: jax.Array, targets_btn: jax.Array, masked_bt: jax.Array
+                           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean cross-entropy over masked frames and codebooks, and per-codebook accuracy at masked
+  frames. Frames (and targets) beyond the shorter of the logits' and targets' lengths are
+  dropped: a conv frontend may emit a frame or two fewer than T // stack."""
+  t = min(logits_btnc.shape[1], targets_btn.shape[1], masked_bt.shape[1])
+  logits, targets, w = logits_btnc[:, :t], targets_btn[:, :t], masked_bt[:, :t]
+  w = w.astype(jnp.float32)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]  # [B, T, N]
+  frames = jnp.maximum(w.sum(), 1.0)
+  loss = (nll * w[..., None]).sum() / (frames * nll.shape[-1])
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  accuracy = (correct * w[..., None]).sum((0, 1)) / frames  # [N]
+  return loss, {'loss': loss, 'accuracy': accuracy, 'masked_frames': w.sum()}
