@@ -98,7 +98,7 @@ def test_mixed_batches_equal_each_task_model_on_1_and_4_devices(served, mesh1, m
   outputs = {}
   for mesh in (mesh1, mesh22):
     model = multitask.MultiTaskModel(config, mesh, tasks=exports, capacity=6,
-                                     batch_sizes=(2, 8))
+                                     batch_sizes=(2, 8) if mesh is mesh1 else (8,))
     if mesh is mesh22:  # the frozen encoder is sharded by the training rules
       kernel = model.encoder.blocks.ffn1.up.kernel[...]
       assert kernel.sharding.spec == sharding.variable_spec(model.encoder.blocks.ffn1.up.kernel,
@@ -107,11 +107,11 @@ def test_mixed_batches_equal_each_task_model_on_1_and_4_devices(served, mesh1, m
     model.warmup()
     compiled = model.compilations()
     outputs[mesh] = model.infer(audio, asks)
-    # Rows after the shared prefix in chunks of 2 (4 rows of 2 utterances: 2 chunks).
-    chunked = model.infer(audio[:2], [['serial', 'tpa', 'lora'], ['lid']], suffix_rows=2)
+    if mesh is mesh1:  # rows after the shared prefix in chunks of 2 (4 rows: 2 chunks)
+      chunked = model.infer(audio[:2], [['serial', 'tpa', 'lora'], ['lid']], suffix_rows=2)
+      for u, names in enumerate([['serial', 'tpa', 'lora'], ['lid']]):
+        assert_same(chunked[u], [reference(config, models, n, audio[u]) for n in names])
     assert model.compilations() == compiled
-    for u, names in enumerate([['serial', 'tpa', 'lora'], ['lid']]):
-      assert_same(chunked[u], [reference(config, models, n, audio[u]) for n in names])
   for u, names in enumerate(asks):
     want = [reference(config, models, n, audio[u]) for n in names]
     assert_same(outputs[mesh1][u], want)
@@ -248,7 +248,7 @@ def test_the_server_batches_mixed_tasks_and_refuses_bad_requests(served, tmp_pat
   cmd = [sys.executable, 'launch/serve.py', '--config=configs/adapt.py:model=tiny',
          f'--config.base.path={config.base.path}', '--config.data.bucket_seconds=0.5,1.0',
          f'--adapters={adapters}', f'--reserve={exports["serial"]}', '--capacity=4',
-         f'--port={port}', '--batch_sizes=1,4', '--max_wait_ms=50']
+         f'--port={port}', '--batch_sizes=4', '--max_wait_ms=50']
   log = open(tmp_path / 'server.log', 'w')
   proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
