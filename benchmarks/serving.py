@@ -225,7 +225,11 @@ def load_test(args, config, exports, offline, utterances, workdir):
           'value': health['compilations'] - compiled})
   finally:
     proc.terminate()
-    proc.wait(timeout=60)
+    try:
+      proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # never leave a server behind
+      proc.kill()
+      proc.wait()
     log.close()
 
 
@@ -287,6 +291,19 @@ def main():
   t_mixed, t_single = timed(mixed, args.repeats), timed(single, args.repeats)
   emit({'metric': 'mixed_vs_single', 'value': round(t_single / t_mixed, 3), 'target': '>= 0.9',
         'mixed_s': round(t_mixed, 4), 'single_s': round(t_single, 4), 'rows': 32})
+
+  # -- how rows read the bank: per-example gather against a one-hot product -------------------
+  other = 'onehot' if args.select == 'gather' else 'gather'
+  other_model = multitask.MultiTaskModel(config, mesh, tasks=exports, capacity=len(exports),
+                                         batch_sizes=(8, 32), select=other)
+  other_model.warmup()
+  t_other = timed(lambda: [other_model.infer([utterances[i] for i in b],
+                                             [[names[i % 8]] for i in b]) for b in batches],
+                  args.repeats)
+  emit({'metric': 'select', 'chosen': args.select, 'chosen_s': round(t_mixed, 4),
+        other: round(t_other, 4), 'chosen_speedup': round(t_other / t_mixed, 3),
+        'batches': 'the mixed batches above'})
+  del other_model
 
   # -- mixed vs one model per task --------------------------------------------------------------
   from tpa_jax.audio.featurizer import featurizer as make_featurizer  # pylint: disable=import-outside-toplevel

@@ -322,7 +322,11 @@ def test_the_server_batches_mixed_tasks_and_refuses_bad_requests(served, tmp_pat
     assert 'tpa_batch_rows_count' in metrics and 'tpa_queue_seconds_sum' in metrics
   finally:
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+      proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # never leave a server behind
+      proc.kill()
+      proc.wait()
     log.close()
 
 
