@@ -214,17 +214,7 @@ def export_serving(workdir: str, output: str,
       'platforms': list(exported.platforms),
   }
 
-  def write(path):
-    os.makedirs(path)
-    with open(os.path.join(path, 'function.jaxexport'), 'wb') as f:
-      f.write(exported.serialize())
-    safetensors_np.save_file(weights, os.path.join(path, 'weights.safetensors'))
-    with open(os.path.join(path, 'manifest.json'), 'w') as f:
-      json.dump(manifest, f, indent=2)
-
-  _write_atomically(output, write, bundle=True)
-  sizes = {name: os.path.getsize(os.path.join(output, name)) for name in os.listdir(output)}
-  return {**manifest, 'bytes': sizes}
+  return _write_bundle(output, exported, weights, 'weights.safetensors', manifest)
 
 
 MULTITASK_FORMAT = 'tpa_jax.multitask_serving/1'
@@ -296,11 +286,18 @@ def export_multitask(config: ml_collections.ConfigDict, adapters: dict[str, str]
       'features': config.features.to_dict(), 'platforms': list(exported.platforms),
   }
 
+  return _write_bundle(output, exported, weights, 'base.safetensors', manifest)
+
+
+def _write_bundle(output: str, exported, weights: dict[str, np.ndarray], weights_file: str,
+                  manifest: dict) -> dict:
+  """Writes a serving bundle directory (function, weights, manifest) atomically; returns the
+  manifest with each file's size."""
   def write(path):
     os.makedirs(path)
     with open(os.path.join(path, 'function.jaxexport'), 'wb') as f:
       f.write(exported.serialize())
-    safetensors_np.save_file(weights, os.path.join(path, 'base.safetensors'))
+    safetensors_np.save_file(weights, os.path.join(path, weights_file))
     with open(os.path.join(path, 'manifest.json'), 'w') as f:
       json.dump(manifest, f, indent=2)
 
