@@ -4,6 +4,8 @@
   python launch/study.py --config=configs/study.py:quick --workdir=runs/study-quick
   python launch/study.py --config=configs/study.py:full --workdir=runs/study-full
   python launch/study.py --config=configs/study.py:scale --workdir=runs/study-scale
+  python launch/study.py --config=configs/study.py:ssl --workdir=runs/study-ssl
+  python launch/study.py --config=configs/study.py:best_rq --workdir=runs/study-best_rq
   python launch/study.py --config=configs/study.py:tiny --workdir=/tmp/study       # tests
 
 The model, features, data and decoding are the demo's (configs/demo.py), so the default base is
@@ -17,12 +19,14 @@ import os
 
 import ml_collections
 
+from tpa_jax.ssl import pretrain
+
 # The default comparison: the floor, the ceiling, TPA, the serial adapter at TPA's bottleneck
 # and at twice it (TPA's trainable parameters), LoRA near TPA's parameters, TPA on the upper half.
 CORE_METHODS = 'head,full,tpa,block_sequential,block_sequential_x2,lora,tpa_upper_half'
 TASKS = ('synthetic_speech/target_lang,synthetic_speech/target_acoustic,'
          'synthetic_speech/lang_id')
-VARIANTS = ('quick', 'full', 'scale', 'tiny')
+VARIANTS = ('quick', 'full', 'scale', 'ssl', 'best_rq', 'tiny', 'ssl_tiny')
 
 
 def _demo_config(arg=None):
@@ -74,6 +78,13 @@ def study_fields(num_blocks: int) -> ml_collections.ConfigDict:
   s.base_workdir = 'runs/demo'
   # scale: model shapes of the bases compared ('' : this config's model only).
   s.scale_models = ''
+  # The frozen base: 'supervised' (the demo's base, pre-trained with CTC on `source`),
+  # 'best_rq' (pre-trained with BEST-RQ on the audio of `source`, the config's ssl and
+  # ssl_pretrain sections; cached in <base_workdir or workdir>/best_rq) or 'random' (the same
+  # architecture at its random initialisation). base.path, when given, overrides it.
+  s.base = 'supervised'
+  # ssl: the bases compared, each a study of its own in <workdir>/<base> ('' : study.base only).
+  s.bases = ''
   # Processes that run cells side by side (each a share of the task x method pairs). One
   # process keeps about one core busy at this model size: 2 on a 2-core machine.
   s.workers = 2
@@ -87,7 +98,8 @@ def study_fields(num_blocks: int) -> ml_collections.ConfigDict:
 def get_config(arg=None):
   if arg not in (None, '') and arg not in VARIANTS:
     raise ValueError(f'configs/study.py takes no argument or one of {VARIANTS}, got {arg!r}')
-  c = _demo_config('tiny' if arg == 'tiny' else None)
+  tiny = arg in ('tiny', 'ssl_tiny')
+  c = _demo_config('tiny' if tiny else None)
   c.study = s = study_fields(c.model.num_blocks)
   # Validation is scored with best-path decoding (cheap); test with the lexicon decoder.
   c.train.validation_decoding = 'greedy'
@@ -112,7 +124,22 @@ def get_config(arg=None):
     s.seeds = 1  # more with --config.study.seeds=N: a re-run trains only the new cells
     s.pruning_seeds = 0
     s.scale_models = 'demo,wide,wider'
-  elif arg == 'tiny':  # seconds: the tiny corpus and model
+  elif arg in ('ssl', 'best_rq'):
+    # The paper's setting: a self-supervised base. ssl: TPA over the BEST-RQ base, the same
+    # architecture left random, and the supervised base; best_rq: the default comparison over
+    # the BEST-RQ base.
+    pretrain.demo_fields(c)
+    if arg == 'ssl':
+      s.methods = 'tpa'
+      s.bases = 'best_rq,random,supervised'
+      s.pruning_seeds = 0
+      s.seeds = 2
+      # Each base may want its own rate (a random base most of all): the wide grid, which
+      # with rate_selection='first' adds only runs on the first task.
+      s.learning_rates = '1e-3,3e-3,1e-2,3e-2'
+    else:
+      s.base = 'best_rq'
+  if tiny:  # seconds: the tiny corpus and model
     s.tasks = 'synthetic_speech/target_lang_tiny,synthetic_speech/lang_id_tiny'
     s.methods = 'head,tpa,lora'
     s.seeds = 1
@@ -126,4 +153,12 @@ def get_config(arg=None):
     s.lora_alpha = 4.0
     s.base_workdir = ''
     s.workers = 1
+    if arg == 'ssl_tiny':
+      pretrain.demo_fields(c)
+      c.ssl.update(dict(codebook_size=16, code_dim=4, mask_prob=0.2, mask_span=3))
+      c.ssl_pretrain.update(num_steps=12, warmup_steps=2, learning_rate=3e-3)
+      s.tasks = 'synthetic_speech/target_lang_tiny'
+      s.methods = 'tpa'
+      s.bases = 'best_rq,random,supervised'
+      s.pruning_seeds = 0
   return c

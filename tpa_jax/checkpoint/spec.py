@@ -77,7 +77,9 @@ def from_config(config: ml_collections.ConfigDict, base_fingerprint: str) -> Ada
   # Imported here: configs are read without jax (the block parser lives with the modules).
   from tpa_jax.nn import adapters  # pylint: disable=import-outside-toplevel
   a, h = config.adapter, config.head
-  head_size = h.vocab_size if h.kind == 'ctc' else h.num_classes
+  head_size = (h.vocab_size if h.kind == 'ctc' else
+               config.ssl.codebook_size * config.ssl.num_codebooks if h.kind == 'best_rq' else
+               h.num_classes)
   if a.placement == 'none':
     adapter = dict(blocks=None, bottleneck=None, residual_weight=None, activation=None,
                    use_norm=None, up_init=None)

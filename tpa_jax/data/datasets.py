@@ -95,6 +95,10 @@ class SpeechData:
     data_dir = d.data_dir or os.path.join(workdir, 'data')
     builder = open_builder(d.name, data_dir, d.domains_file)
     spec = SPECS[d.name.partition('/')[0]]
+    features = list(builder.info.features.keys()) if builder.info.features else []
+    if spec.audio_key not in features:
+      raise ValueError(f'data.name={d.name!r} has no audio feature {spec.audio_key!r} (its '
+                       f'features: {sorted(features)}); training reads audio')
     if task == 'classification' and spec.label_key is None:
       raise ValueError(f'data.name={d.name!r} has no utterance labels; head.kind must be ctc')
     # Batch sizes divide over the processes and over the data-parallel mesh axes.
@@ -169,7 +173,9 @@ class SpeechData:
     def scan():
       return pipeline.scan_split(
           self.source(split), audio_key=self.spec.audio_key,
-          max_samples=self.buckets[-1].max_samples, text_fn=self.text,
+          max_samples=self.buckets[-1].max_samples,
+          # Self-supervised pre-training reads audio only: transcripts are not required.
+          text_fn=self.text if self.task != 'best_rq' else None,
           num_tokens=(lambda text: ctc_length(encode(text))) if encode else None,
           max_tokens=max_tokens, name=f'{self.builder.info.full_name}:{split}')
 
@@ -179,6 +185,8 @@ class SpeechData:
                frames=[self.frames(b.max_samples) for b in self.buckets],
                tokenizer=(hashlib.sha256(tokenizer.serialize()).hexdigest()
                           if tokenizer is not None else None))
+    if self.task == 'best_rq':
+      key['transcripts'] = False  # examples without transcripts are kept
     index = pipeline.cached_scan(self.index_dir, key, scan)
     merged = self.skipped.setdefault(split, {})
     for reason, count in index.skipped.items():
@@ -251,6 +259,6 @@ def open_for_config(config: ml_collections.ConfigDict, workdir: str, mesh: jax.s
       tokenizer = data.tokenizer(config.tokenizer,
                                  config.tokenizer.get('dir') or os.path.join(workdir, 'tokenizers'))
       config.head.vocab_size = tokenizer.vocab_size
-    else:
+    elif config.head.kind == 'classification':
       config.head.num_classes = data.num_classes
   return data, tokenizer

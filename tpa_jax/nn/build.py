@@ -22,7 +22,7 @@ from tpa_jax.nn.layers import LayerNorm
 from tpa_jax.nn.model import SpeechModel
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-HEADS = ('ctc', 'classification')
+HEADS = ('ctc', 'classification', 'best_rq')
 
 
 def dtype(name: str, field: str):
@@ -95,6 +95,16 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int) -> SpeechModel:
     head = CTCHead(m.dim, h.vocab_size, **head_kw)
   elif h.kind == 'classification':
     head = ClassificationHead(m.dim, h.num_classes, **head_kw)
+  elif h.kind == 'best_rq':
+    # Imported here: a pre-training head is built by pre-training configs only.
+    from tpa_jax.ssl import best_rq  # pylint: disable=import-outside-toplevel
+    if 'ssl' not in config:
+      raise ConfigError("head.kind='best_rq' needs the config's ssl section "
+                        '(tpa_jax.ssl.best_rq.ssl_fields(), as configs/pretrain.py has)')
+    # The quantizer draws from its own stream: fixed by the seed whatever the heads are.
+    head = best_rq.BestRQHead(m.dim, f.input_dim, best_rq.Settings.from_config(config),
+                              dtype=kw['dtype'], rngs=head_rngs,
+                              quantizer_rngs=nnx.Rngs(params=jax.random.fold_in(key, 3)))
   else:
     raise ConfigError(f'head.kind={h.kind!r}: accepted values are {HEADS}')
   return SpeechModel(encoder, head)

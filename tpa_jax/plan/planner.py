@@ -94,9 +94,9 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_size: int,
     slots = max(int(seconds * config.data.max_tokens_per_second), 1)
     batch['labels'] = jax.ShapeDtypeStruct((batch_size, slots), jnp.int32)
     batch['label_mask'] = jax.ShapeDtypeStruct((batch_size, slots), jnp.bool_)
-  else:
+  elif config.head.kind == 'classification':
     batch['labels'] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-  return batch
+  return batch  # (BEST-RQ pre-training: audio only, its targets come from the audio)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,6 +97,23 @@ class Settings:
                s.mask_span, float(s.noise_std))
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Named errors for a pre-training config, before data is prepared or anything compiles: the
+  data must be audio, and `config.ssl` must fit the model and the shortest bucket."""
+  if 'ssl' not in config:
+    raise ConfigError("head.kind='best_rq' needs the config's ssl section "
+                      '(tpa_jax.ssl.best_rq.ssl_fields(), as configs/pretrain.py has)')
+  if config.data.name == 'random':
+    raise ConfigError("data.name='random': BEST-RQ pre-trains on audio, and the random task holds "
+                      'synthetic features without audio; accepted: a TFDS speech dataset '
+                      "('synthetic_speech/<domain>' or 'librispeech')")
+  # Imported here: the featurizer is JAX code with its own config checks.
+  from tpa_jax.audio.featurizer import output_frames  # pylint: disable=import-outside-toplevel
+  shortest = min(config.data.bucket_seconds)
+  frames = output_frames(config)(int(round(shortest * config.features.sample_rate_hz)))
+  Settings.from_config(config, shortest_frames=frames)
+
+
 def _l2_normalize(x: jax.Array) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
 
@@ -191,3 +208,50 @@ def masked_prediction_loss(logits_btnc: jax.Array, targets_btn: jax.Array, maske
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   accuracy = (correct * w[..., None]).sum((0, 1)) / frames  # [N]
   return loss, {'loss': loss, 'accuracy': accuracy, 'masked_frames': w.sum()}
+
+
+class BestRQHead(nnx.Module):
+  """The pre-training head of a BEST-RQ run: the fixed quantizer (targets from the input
+  features) and the prediction heads (logits from the encoder output). It takes a task head's
+  place in the SpeechModel, so the train step, checkpoints and the planner treat a pre-training
+  run as any other run with every weight trainable."""
+
+  def __init__(self, dim: int, input_dim: int, settings: Settings, *, dtype=jnp.float32,
+               rngs: nnx.Rngs, quantizer_rngs: nnx.Rngs):
+    self.settings = settings
+    self.quantizer = RandomProjectionQuantizer(input_dim, settings, rngs=quantizer_rngs)
+    self.heads = PredictionHeads(dim, settings, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    del mask_bt  # the loss weighs frames
+    return self.heads(x_btd)
+
+  def prepare(self, key: jax.Array, features_btf: jax.Array, mask_bt: jax.Array
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(masked features, {'ssl_targets', 'ssl_masked', 'ssl_valid'}): targets from the clean features, then
+    spans of encoder frames drawn over the valid ones and their features replaced by noise."""
+    s = self.settings
+    targets, valid = self.quantizer(features_btf, mask_bt)
+    k_mask, k_noise = jax.random.split(key)
+    masked = span_mask(k_mask, valid, s.mask_prob, s.mask_span)
+    features = mask_features(k_noise, features_btf, masked, s.stack, s.noise_std)
+    return features, {'ssl_targets': jax.lax.stop_gradient(targets), 'ssl_masked': masked,
+                      'ssl_valid': valid}
+
+
+def loss(logits_btnc: jax.Array, batch: dict[str, jax.Array]
+         ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The train step's loss and metrics: masked-prediction cross-entropy, accuracy per codebook
+  at masked frames (`accuracy_<n>`), and codebook usage per codebook (`codebook_usage_<n>`: the
+  fraction of entries that are the target of some valid frame of the batch)."""
+  targets, masked = batch['ssl_targets'], batch['ssl_masked']
+  value, aux = masked_prediction_loss(logits_btnc, targets, masked)
+  n, c = targets.shape[-1], logits_btnc.shape[-1]
+  metrics = {'masked_frames': aux['masked_frames']}
+  valid = batch['ssl_valid']
+  for i in range(n):
+    metrics[f'accuracy_{i}'] = aux['accuracy'][i]
+    hits = jnp.zeros((c,), jnp.float32).at[targets[..., i].reshape(-1)].max(
+        valid.reshape(-1).astype(jnp.float32))
+    metrics[f'codebook_usage_{i}'] = hits.mean()
+  return value, metrics

@@ -171,8 +171,9 @@ def run_config(config: ml_collections.ConfigDict, cell: Cell, *, base_path: str,
   s = config.study
   c = ml_collections.ConfigDict(config.to_dict())
   del c['study']
-  if 'demo' in c:
-    del c['demo']
+  for section in ('demo', 'ssl', 'ssl_pretrain'):  # how bases are pre-trained, not the cell
+    if section in c:
+      del c[section]
   c.seed = cell.seed
   c.base.path = base_path
   c.data.name = cell.task.name

@@ -1,5 +1,7 @@
-"""`launch/study.py`'s work: one study, or (`study.scale_models`) one per base size and a table
-of how the gap between TPA and full fine-tuning moves as the base grows."""
+"""`launch/study.py`'s work: one study; or (`study.scale_models`) one per base size and a table
+of how the gap between TPA and full fine-tuning moves as the base grows; or (`study.bases`) one
+per base pre-trained differently (supervised, BEST-RQ, none) and a table of each method's score
+over each base."""
 
 from __future__ import annotations
 
@@ -47,6 +49,19 @@ def scale_configs(config: ml_collections.ConfigDict,
   return out
 
 
+def base_configs(config: ml_collections.ConfigDict,
+                 workdir: str) -> dict[str, ml_collections.ConfigDict]:
+  """study.bases: one study config per base (the study's own fields otherwise)."""
+  base_lib.check(config)
+  out = {}
+  for name in [b.strip() for b in config.study.bases.split(',') if b.strip()]:
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.study.base, c.study.bases = name, ''
+    c.data.data_dir = base_lib.data_dir(config, workdir)  # one corpus serves every base
+    out[name] = c
+  return out
+
+
 def main(config: ml_collections.ConfigDict, workdir: str, *, cells=(),
          report_only: bool = False, argv: list[str] = (), worker: str = '') -> list[dict]:
   """Runs (or, with `report_only`, reports) the study of `config` in `workdir`: in
@@ -58,9 +73,14 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, cells=(),
       os.path.abspath(workdir), 'jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  if not config.study.scale_models:
+  if config.study.scale_models and config.study.bases:
+    raise ConfigError('study.scale_models and study.bases each run one study per base; set one')
+  if not config.study.scale_models and not config.study.bases:
     return _one(config, workdir, cells, report_only, argv, worker)
-  subs = scale_configs(config, workdir)
+  if config.study.bases:
+    subs, field, table = base_configs(config, workdir), 'bases', report.base_table
+  else:
+    subs, field, table = scale_configs(config, workdir), 'scale_models', report.scale_table
   for c in subs.values():
     validate(c)  # every name checked before anything runs
   if worker:  # a worker of one base's study: its argv names that base and its folder
@@ -69,7 +89,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, cells=(),
   rows = []
   for name, c in subs.items():
     folder = os.path.join(workdir, name)
-    sub_argv = [*argv, f'--config.study.scale_models={name}', f'--workdir={folder}',
+    sub_argv = [*argv, f'--config.study.{field}={name}', f'--workdir={folder}',
                 f'--config.data.data_dir={c.data.data_dir}']
     sub_rows = _one(c, folder, cells, report_only, sub_argv, '')
     loss = base_pretrain_loss(c, folder)
@@ -77,7 +97,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, cells=(),
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, 'study.json'), rows)
   with open(os.path.join(workdir, 'study.md'), 'w') as f:
-    f.write(report.scale_table(rows))
+    f.write(table(rows))
   return rows
 
 

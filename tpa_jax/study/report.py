@@ -281,3 +281,42 @@ def scale_table(rows: list[dict]) -> str:
                    ' | '.join(cells) +
                    f' | {share} | {gap} |')
   return '\n'.join(lines) + '\n'
+
+
+def base_table(rows: list[dict]) -> str:
+  """Markdown: per base (how it was pre-trained) and method, each task's test score (mean ± std
+  over seeds; ASR: the best-path WER in brackets) at its chosen learning rate, and, per task,
+  how far each base is from the random one (relative for WER, absolute points for accuracy)."""
+  tasks = list(dict.fromkeys(r['task'] for r in rows))
+  metric = {r['task']: r['metric'] for r in rows}
+  lines = ['# Study over bases pre-trained differently', '',
+           'Test scores at each run\'s best validation step (ASR: lexicon WER %, best-path WER '
+           'in brackets; language ID: accuracy %), mean ± standard deviation over seeds, at '
+           'each learning rate chosen on validation [in square brackets]. Bases: supervised '
+           '(CTC on the source domain\'s transcripts), best_rq (BEST-RQ on the same audio, no '
+           'transcripts), random (the same architecture, never trained). In parentheses after '
+           'each score: its difference from the random base.', '',
+           '| base | method | ' + ' | '.join(t.split('/')[-1] for t in tasks) + ' |',
+           '|---|---|' + '---|' * len(tasks)]
+  summary = {base: summarize([r for r in rows if r['base'] == base])
+             for base in dict.fromkeys(r['base'] for r in rows)}
+  methods = list(dict.fromkeys(r['method'] for r in rows))
+  for base, sub in summary.items():
+    for method in methods:
+      cells = []
+      for task in tasks:
+        s, floor = sub.get((task, method)), summary.get('random', {}).get((task, method))
+        if not s or s['mean'] is None:
+          cells.append('-')
+          continue
+        text = f"{_percent(s['mean'])} ± {_percent(s['std'])}"
+        if s['best_path_mean'] is not None:
+          text += f" ({_percent(s['best_path_mean'])})"
+        text += f" [{s['row']['learning_rate']:g}]"
+        if base != 'random' and floor and floor['mean'] is not None:
+          text += (f" ({100 * (s['mean'] / floor['mean'] - 1):+.0f}% vs random)"
+                   if metric[task] == 'wer' else
+                   f" ({100 * (s['mean'] - floor['mean']):+.1f} points vs random)")
+        cells.append(text)
+      lines.append(f'| {base} | {method} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'

@@ -45,6 +45,11 @@ _FREE_FIELDS = ('study.methods', 'study.tasks', 'study.seeds', 'study.learning_r
                 'data.eval_batch_size')
 
 
+# Fields added to the study config after workdirs were written, with the value that an older
+# workdir's study had: a workdir without them is of a study with that value.
+_ADDED_FIELDS = {'study.base': 'supervised', 'study.bases': ''}
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Records the study's config in `workdir/study_config.json`; refuses a workdir holding a
   study of another config, naming the differing fields."""
@@ -52,7 +57,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   current = flatten(json.loads(config.to_json()))
   if os.path.exists(path):
     with open(path) as f:
-      saved = flatten(json.load(f))
+      saved = {**_ADDED_FIELDS, **flatten(json.load(f))}
     keys = sorted(k for k in set(saved) | set(current)
                   if k not in _FREE_FIELDS and saved.get(k) != current.get(k))
     if keys:
@@ -75,6 +80,8 @@ def validate(config: ml_collections.ConfigDict) -> tuple[list[Task], list[str], 
   for m in methods:
     cells_lib.method_overrides(m, s, config.model.num_blocks)
   rates = cells_lib.learning_rates(config)
+  from tpa_jax.study import base as base_lib  # pylint: disable=import-outside-toplevel
+  base_lib.check(config)
   if int(s.seeds) < 1:
     raise ConfigError(f'study.seeds={s.seeds}: the number of seeds, at least 1')
   if int(s.eval_every_steps) < 1 or int(s.num_steps) < 1:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
+from flax import nnx
 
 from tpa_jax import checkpoint, sharding
 from tpa_jax.checkpoint import spec as spec_lib
@@ -48,10 +49,10 @@ def fit(trainer: trainer_lib.Trainer, batches: Iterable[dict], *, num_steps: int
   utterances, start, first_log, pace = 0, time.perf_counter(), None, 0.0
   for step in range(start_step + 1, num_steps + 1):
     batch = next(iterator)
-    labels = batch['labels']
+    rows = next(batch[k] for k in ('labels', 'audio', 'features') if k in batch)
     # A host batch is this process's share of the global batch (all shares are equal).
-    global_rows = isinstance(labels, jax.Array) and not labels.is_fully_addressable
-    utterances += len(labels) * (1 if global_rows else jax.process_count())
+    global_rows = isinstance(rows, jax.Array) and not rows.is_fully_addressable
+    utterances += len(rows) * (1 if global_rows else jax.process_count())
     metrics = trainer.step(batch)
     if sync_each_step:
       jax.block_until_ready(metrics)
@@ -95,11 +96,30 @@ def describe(trainer: trainer_lib.Trainer) -> dict:
               trainable_fraction=n_train / n_total)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def keep_fixed_arrays(trainer: trainer_lib.Trainer, workdir: str) -> None:
+  """A run's fixed random arrays (BEST-RQ's projection and codebooks: never trained, no
+  optimizer state) are saved in `workdir/fixed_arrays` when the run starts, and a resumed run
+  takes them from there: the run keeps its own arrays whatever the code would draw now."""
+  from tpa_jax.ssl.best_rq import FixedArray  # pylint: disable=import-outside-toplevel
+  fixed = trainer.rest.filter(FixedArray)
+  if not jax.tree.leaves(fixed):
+    return
+  path = os.path.join(workdir, 'fixed_arrays')
+  if checkpoint.read_metadata(path) is not None:
+    trainer.rest = nnx.merge_state(trainer.rest, checkpoint.restore_state(path, fixed))
+    logging.info('fixed arrays restored from %s', path)
+  else:
+    checkpoint.save_state(path, fixed, metadata={'kind': 'fixed_arrays'})
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          finish: Callable[[trainer_lib.Trainer], dict | None] | None = None) -> dict:
   """Trains to `config.train.num_steps`, resuming from the newest committed checkpoint in
   `workdir/checkpoints`, saving every `config.checkpoint.every_steps` steps, at the end, and at
   the step boundary after a SIGTERM. Returns the last logged metrics (with the evaluation of
-  `data.eval_split` for speech data, once the run is complete)."""
+  `data.eval_split` for speech data with a task head, once the run is complete). `finish`
+  runs on the trained trainer of a complete run (pre-training writes its base there); what it
+  returns joins the results."""
   every = config.checkpoint.every_steps
   if every < 1:
     raise ConfigError(f'checkpoint.every_steps={every}: accepted values are integers >= 1')
@@ -119,11 +139,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       data, tokenizer = datasets.open_for_config(config, workdir, mesh)
       batches = iter(data.train_loader(tokenizer, split=config.data.train_split,
                                        seed=config.seed, num_batches=num_steps))
-    eval_every = int(config.train.eval_every_steps) if data is not None else 0
+    # Validation scores a task head (WER, accuracy); pre-training has none to score.
+    scored_head = data is not None and config.head.kind in validation.METRICS
+    eval_every = int(config.train.eval_every_steps) if scored_head else 0
 
     # -- model and base, state, step ----------------------------------------------------------
     trainer = trainer_lib.from_config(config, mesh)
     info = describe(trainer)
+    keep_fixed_arrays(trainer, workdir)
     record = checkpoint.run_info(config, trainer.base_fingerprint)
     spec = spec_lib.AdapterSpec.from_json(record['spec'])
 
@@ -188,7 +211,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     if best is not None:
       results['validation'] = best.summary()
-  if data is not None and config.data.eval_split and not preemption.requested:
+  if data is not None:  # examples the pipeline skipped (each logged with its reason)
+    results['skipped_examples'] = data.skipped
+  if finish is not None and not preemption.requested:
+    results.update(finish(trainer) or {})
+  if scored_head and config.data.eval_split and not preemption.requested:
     from tpa_jax.infer import evaluate  # pylint: disable=import-outside-toplevel
     results['eval'] = evaluate.evaluate_speech(config, trainer.model(), trainer.featurizer,
                                                mesh, data, tokenizer, config.data.eval_split)

@@ -8,7 +8,7 @@ import optax
 
 from tpa_jax.errors import ConfigError
 
-TASKS = ('ctc', 'classification')
+TASKS = ('ctc', 'classification', 'best_rq')
 
 
 def ctc_loss(logits_btv: jax.Array, mask_bt: jax.Array, labels_bu: jax.Array,
@@ -36,6 +36,7 @@ def classification_loss(logits_bc: jax.Array,
 LABEL_SPECS = {
     'ctc': {'labels': (2, 'i'), 'label_mask': (2, 'b')},
     'classification': {'labels': (1, 'i')},
+    'best_rq': {},  # self-supervised: targets come from the audio (tpa_jax.ssl.best_rq)
 }
 _KIND_NAMES = {'i': 'an integer dtype', 'b': 'bool'}
 
@@ -55,8 +56,12 @@ def check_labels(task: str, batch: dict) -> None:
 
 def task_loss(task: str, logits: jax.Array, mask_bt: jax.Array,
               batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The loss of `task` for a batch with `labels` (+ `label_mask` for CTC)."""
+  """The loss of `task` for a batch with `labels` (+ `label_mask` for CTC), or BEST-RQ's
+  targets and masks (added by the train step)."""
   check_labels(task, batch)
+  if task == 'best_rq':
+    from tpa_jax.ssl import best_rq  # pylint: disable=import-outside-toplevel
+    return best_rq.loss(logits, batch)
   if task == 'ctc':
     return ctc_loss(logits, mask_bt, batch['labels'], batch['label_mask'])
   return classification_loss(logits, batch['labels'])

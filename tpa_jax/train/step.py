@@ -77,7 +77,7 @@ def _featurize_rows(featurizer: Featurizer, audio_bs: jax.Array,
 
 
 # Metrics summed over micro-batches; the others are averaged with the loss's weights.
-_SUMMED_METRICS = ('tokens',)
+_SUMMED_METRICS = ('tokens', 'masked_frames')
 
 
 def loss_weight(task: str, aux: dict[str, jax.Array], batch_size: int) -> jax.Array:
@@ -86,6 +86,8 @@ def loss_weight(task: str, aux: dict[str, jax.Array], batch_size: int) -> jax.Ar
   loss, and the gradient, of all the micro-batches taken as one batch."""
   if task == 'ctc':
     return aux['tokens']
+  if task == 'best_rq':
+    return aux['masked_frames']  # the masked-prediction loss is a mean over masked frames
   return jnp.asarray(batch_size, jnp.float32)
 
 
@@ -116,8 +118,15 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
   def loss_and_grads(trainable, frozen, rest, batch, key):
     model: SpeechModel = nnx.merge(graphdef, trainable, frozen, rest)
+    if task == 'best_rq':
+      # BEST-RQ: targets from the clean features (no SpecAugment: masking with noise is the
+      # augmentation), then masked spans keyed by (seed, step, micro-batch).
+      features, mask = batch_inputs(batch, featurizer)
+      features, targets = model.head.prepare(jax.random.fold_in(key, 1), features, mask)
+      batch = {**batch, **targets}
+    else:
+      features, mask = batch_inputs(batch, featurizer, key)
     # The frozen prefix is computed before autodiff starts: it is never differentiated.
-    features, mask = batch_inputs(batch, featurizer, key)
     x, mask = model.prefix(features, mask, frozen_depth)
     blocks_frozen = not SpeechModel.blocks_train(trainable)
 

@@ -282,6 +282,9 @@ def check_config(config: ml_collections.ConfigDict, *, mesh: bool = True) -> Non
   `mesh`) the mesh are built from shapes alone on one device."""
   from tpa_jax.train import validation  # pylint: disable=import-outside-toplevel
   validation.check_config(config)
+  if config.head.kind == 'best_rq':
+    from tpa_jax.ssl import best_rq  # pylint: disable=import-outside-toplevel
+    best_rq.check_config(config)
   if mesh:
     sharding.make_mesh(**config.mesh)  # does the mesh fit the devices?
   from_config(config, sharding.make_mesh(devices=jax.devices()[:1]), abstract=True)

@@ -1,0 +1,180 @@
+"""BEST-RQ pre-training as a user runs it (launch/pretrain.py): a tiny run learns, keeps its
+fixed quantizer out of the optimizer, is killed and resumed bit-identically, and writes a base
+that launch/train.py adapts with TPA under the same fingerprint; bad settings are named before
+anything compiles."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tpa_jax import checkpoint
+from tpa_jax.config.files import load_config_file
+from tpa_jax.errors import ConfigError
+from tpa_jax.train import trainer as trainer_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 12  # configs/pretrain.py:tiny
+EVERY = 4
+
+
+def pretrain(workdir, data_dir, *overrides, wait=True):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  args = [sys.executable, 'launch/pretrain.py', '--config=configs/pretrain.py:tiny',
+          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+          '--config.train.log_every_steps=1', *overrides]
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  if not wait:
+    return proc
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-4000:]
+  return err
+
+
+def metrics(workdir):
+  return [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+def final_state(workdir, step=NUM_STEPS):
+  with ocp.StandardCheckpointer() as c:
+    restored = c.restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def stored(path):
+  with ocp.StandardCheckpointer() as c:
+    restored = c.restore(path)
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('pretrain_data'))
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, data_dir):
+  workdir = tmp_path_factory.mktemp('pretrain')
+  pretrain(workdir, data_dir)
+  return workdir
+
+
+def test_a_tiny_pretraining_learns_and_its_quantizer_never_trains(uninterrupted):
+  logged = metrics(uninterrupted)
+  assert [r['step'] for r in logged] == list(range(1, NUM_STEPS + 1))
+  first, last = logged[:3], logged[-3:]
+  mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+  assert mean(last, 'loss') < mean(first, 'loss') - 0.05
+  # Above chance: better than predicting the most frequent target of each batch, which is
+  # right for at most 1/usage-of-the-codebook ... bounded here by the uniform 1/16 and by
+  # the accuracy the run started with.
+  assert mean(last, 'accuracy_0') > max(1 / 16, mean(first, 'accuracy_0'))
+  assert all(0 < r['codebook_usage_0'] <= 1 and r['masked_frames'] > 0 for r in logged)
+
+  # The run checkpoint holds trainable weights and their optimizer state, and no fixed array;
+  # the fixed arrays are saved with the run, and are the ones the written base's head holds.
+  state = final_state(uninterrupted)
+  assert not any('quantizer' in k for k in state)
+  assert any("'heads'" in k for k in state) and any("'blocks'" in k for k in state)
+  fixed = stored(os.path.join(uninterrupted, 'fixed_arrays'))
+  assert {k.split("'")[-2] for k in fixed} == {'projection', 'codebooks'}
+  head = stored(os.path.join(uninterrupted, 'base', 'head'))
+  for key, value in fixed.items():
+    np.testing.assert_array_equal(head[key.replace("['head']", '', 1)], value)
+  results = json.load(open(uninterrupted / 'results.json'))
+  meta = checkpoint.read_metadata(str(uninterrupted / 'base' / 'encoder'))
+  assert meta['pretraining'] == 'best_rq' and len(meta['curve']) == NUM_STEPS
+  assert results['base_fingerprint'] == meta['base_fingerprint']['id']
+
+
+def test_killed_and_resumed_it_ends_bit_identical(uninterrupted, data_dir, tmp_path):
+  seed = int(time.time())
+  kill_at = random.Random(seed).randrange(EVERY + 1, NUM_STEPS - 1)
+  proc = pretrain(tmp_path, data_dir, wait=False)
+  deadline = time.time() + 300
+  path = tmp_path / 'metrics.jsonl'
+  while not path.exists() or len(path.read_text().splitlines()) < kill_at:
+    assert proc.poll() is None and time.time() < deadline, f'seed {seed}: run ended early'
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (tmp_path / 'base').exists()  # no base before the run completes
+  checkpoints = tmp_path / 'checkpoints'
+  killed_at = [int(s) for s in os.listdir(checkpoints) if s.isdigit() and
+               (checkpoints / s / 'commit_success.txt').exists()] if checkpoints.exists() else []
+  err = pretrain(tmp_path, data_dir)
+  assert 'fixed arrays restored' in err, f'seed {seed}'
+  if killed_at:  # (a save still in flight at the kill does not count)
+    assert f'resumed from step {max(killed_at)}' in err, f'seed {seed}'
+  a, b = final_state(uninterrupted), final_state(tmp_path)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  ea, eb = (stored(os.path.join(w, 'base', 'encoder')) for w in (uninterrupted, tmp_path))
+  for key in ea:
+    np.testing.assert_array_equal(ea[key], eb[key], err_msg=key)
+  steps = [r['step'] for r in metrics(tmp_path)]
+  assert steps == list(range(1, NUM_STEPS + 1)), f'seed {seed}'
+
+
+def test_the_ssl_study_adapts_a_best_rq_and_a_random_base_under_their_fingerprints(
+    data_dir, tmp_path):
+  """configs/study.py:ssl's plumbing at tiny size: the BEST-RQ base is pre-trained (once,
+  cached) and adapted with TPA by ordinary training runs, beside the same architecture left at
+  random initialisation; every cell's run records the fingerprint of the base written for it.
+  (The supervised base is the default study's, tested in test_study.py.)"""
+  workdir = tmp_path / 'study'
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  args = [sys.executable, 'launch/study.py', '--config=configs/study.py:ssl_tiny',
+          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+          '--config.study.bases=best_rq,random', f'--config.study.compile_cache={tmp_path}/cache']
+  result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-4000:]
+  rows = json.load(open(workdir / 'study.json'))
+  assert sorted((r['base'], r['method'], r['status']) for r in rows) == [
+      ('best_rq', 'tpa', 'ok'), ('random', 'tpa', 'ok')]
+  bases = {'best_rq': workdir / 'best_rq' / 'best_rq' / 'base' / 'encoder',
+           'random': workdir / 'random' / 'base' / 'encoder'}
+  fingerprints = set()
+  for name, base in bases.items():
+    meta = checkpoint.read_metadata(str(base))
+    assert meta is not None, name
+    (record,) = [os.path.join(d, 'run', 'metadata') for d in
+                 (workdir / name / 'cells').glob('*/tpa/*/seed=0/checkpoints/*')]
+    run = json.load(open(record))
+    assert run['config']['base']['path'] == str(base)
+    if name == 'best_rq':
+      assert meta['pretraining'] == 'best_rq'
+      assert run['base_fingerprint']['id'] == meta['base_fingerprint']['id']
+    fingerprints.add(run['base_fingerprint']['id'])
+  assert len(fingerprints) == 2
+  table = open(workdir / 'study.md').read()
+  assert re.search(r'^\| best_rq \| tpa \| .*% vs random\) \|$', table, flags=re.M), table
+  assert re.search(r'^\| random \| tpa \| ', table, flags=re.M)
+
+
+@pytest.mark.parametrize('override, message', [
+    (dict(data=('name', 'random')), r"data.name='random'.*audio"),
+    (dict(ssl=('mask_prob', 1.0)), r'ssl.mask_prob=1.0.*\(0, 1\)'),
+    (dict(ssl=('mask_span', 200)), r'ssl.mask_span=200.*shortest bucket'),
+    (dict(ssl=('codebook_size', 1)), r'ssl.codebook_size=1.*>= 2'),
+    (dict(ssl=('stack', 2)), r'ssl.stack=2.*stacks 3'),
+])
+def test_bad_settings_are_named_before_anything_compiles(override, message):
+  config = load_config_file('configs/pretrain.py:tiny')
+  ((section, (field, value)),) = override.items()
+  config[section][field] = value
+  with pytest.raises(ConfigError, match=message):
+    trainer_lib.check_config(config, mesh=False)
