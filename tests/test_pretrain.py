@@ -66,7 +66,8 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory, data_dir):
-  workdir = tmp_path_factory.mktemp('pretrain')
+  # <base_workdir>/best_rq: where a study looks for its cached BEST-RQ base.
+  workdir = tmp_path_factory.mktemp('pretrain') / 'best_rq'
   pretrain(workdir, data_dir)
   return workdir
 
@@ -129,23 +130,26 @@ def test_killed_and_resumed_it_ends_bit_identical(uninterrupted, data_dir, tmp_p
   assert steps == list(range(1, NUM_STEPS + 1)), f'seed {seed}'
 
 
-def test_the_ssl_study_adapts_a_best_rq_and_a_random_base_under_their_fingerprints(
-    data_dir, tmp_path):
-  """configs/study.py:ssl's plumbing at tiny size: the BEST-RQ base is pre-trained (once,
-  cached) and adapted with TPA by ordinary training runs, beside the same architecture left at
-  random initialisation; every cell's run records the fingerprint of the base written for it.
-  (The supervised base is the default study's, tested in test_study.py.)"""
+def test_the_ssl_study_adapts_the_written_base_and_a_random_one_under_their_fingerprints(
+    uninterrupted, data_dir, tmp_path):
+  """configs/study.py:ssl's plumbing at tiny size: the study finds the base launch/pretrain.py
+  wrote (its cache key fits) and adapts it with TPA in ordinary training runs, beside the same
+  architecture left at random initialisation; every cell's run records the fingerprint of the
+  base written for it. (The supervised base is the default study's, tested in
+  test_study.py.)"""
   workdir = tmp_path / 'study'
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   args = [sys.executable, 'launch/study.py', '--config=configs/study.py:ssl_tiny',
           f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
-          '--config.study.bases=best_rq,random', f'--config.study.compile_cache={tmp_path}/cache']
+          '--config.study.bases=best_rq,random', f'--config.study.compile_cache={tmp_path}/cache',
+          f'--config.study.base_workdir={uninterrupted.parent}']
   result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
   rows = json.load(open(workdir / 'study.json'))
   assert sorted((r['base'], r['method'], r['status']) for r in rows) == [
       ('best_rq', 'tpa', 'ok'), ('random', 'tpa', 'ok')]
-  bases = {'best_rq': workdir / 'best_rq' / 'best_rq' / 'base' / 'encoder',
+  assert 'using the cached BEST-RQ base' in result.stderr  # not pre-trained again
+  bases = {'best_rq': uninterrupted / 'base' / 'encoder',
            'random': workdir / 'random' / 'base' / 'encoder'}
   fingerprints = set()
   for name, base in bases.items():

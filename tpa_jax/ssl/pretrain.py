@@ -129,7 +129,7 @@ def dataset_key(config: ml_collections.ConfigDict, workdir: str) -> str:
 def cached(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   """The encoder path of the base that `config` pre-trains, if `workdir` holds it."""
   from tpa_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, 'base', 'encoder')
+  path = os.path.abspath(os.path.join(workdir, 'base', 'encoder'))
   meta = checkpoint.read_metadata(path)
   key = cache_key(config, dataset_key(config, workdir))
   return path if meta is not None and meta.get('fingerprint') == key else None
