@@ -142,7 +142,8 @@ def test_the_ssl_study_adapts_the_written_base_and_a_random_one_under_their_fing
   args = [sys.executable, 'launch/study.py', '--config=configs/study.py:ssl_tiny',
           f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
           '--config.study.bases=best_rq,random', f'--config.study.compile_cache={tmp_path}/cache',
-          f'--config.study.base_workdir={uninterrupted.parent}']
+          f'--config.study.base_workdir={uninterrupted.parent}',
+          '--config.study.eval_every_steps=12']  # one validation per run (test time)
   result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
   rows = json.load(open(workdir / 'study.json'))

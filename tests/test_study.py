@@ -297,6 +297,7 @@ def test_the_scale_variant_compares_bases_of_several_sizes(tmp_path):
   result = study(workdir, '--config.study.scale_models=demo,wide',
                  '--config.study.methods=full,tpa',
                  '--config.study.tasks=synthetic_speech/target_lang_tiny',
+                 '--config.study.eval_every_steps=12',  # one validation per run (test time)
                  cache=str(tmp_path / 'cache'))
   assert result.returncode == 0, result.stderr[-4000:]
   rows = json.load(open(os.path.join(workdir, 'study.json')))
