@@ -12,11 +12,10 @@ quantizer and masking, `ssl_pretrain` the stage (dataset, steps, optimizer); eve
 overridable, e.g. --config.ssl.codebook_size=8192.
 """
 
-import importlib.util
 import os
 
 from tpa_jax import config as config_lib
-from tpa_jax.config.files import parse_arg
+from tpa_jax.config.files import load_config_file, parse_arg
 from tpa_jax.ssl import pretrain
 
 KEYS = ('model', 'data')
@@ -24,11 +23,8 @@ VARIANTS = ('tiny', 'model=2b')
 
 
 def _demo_config(arg=None):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py')
-  spec = importlib.util.spec_from_file_location('_demo_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py')
+  return load_config_file(demo + (f':{arg}' if arg else ''))
 
 
 def get_config(arg=None):

@@ -14,11 +14,11 @@ cached it there. Lists are comma-separated and overridable like any field:
 `--config.study.methods=head,tpa,lora --config.study.seeds=1`.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from tpa_jax.config.files import load_config_file
 from tpa_jax.ssl import pretrain
 
 # The default comparison: the floor, the ceiling, TPA, the serial adapter at TPA's bottleneck
@@ -30,11 +30,8 @@ VARIANTS = ('quick', 'full', 'scale', 'ssl', 'best_rq', 'tiny', 'ssl_tiny')
 
 
 def _demo_config(arg=None):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py')
-  spec = importlib.util.spec_from_file_location('_demo_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py')
+  return load_config_file(demo + (f':{arg}' if arg else ''))
 
 
 def study_fields(num_blocks: int) -> ml_collections.ConfigDict:

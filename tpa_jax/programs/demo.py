@@ -125,8 +125,12 @@ def pretrained_base(config: ml_collections.ConfigDict, path: str, mesh, source, 
 def dataset_description(data: datasets.SpeechData) -> str:
   """What names a dataset's content: its TFDS name, version and builder config (a synthetic
   domain's languages, voices, rates, noise and sizes), not where it is stored."""
-  config = data.builder.builder_config
-  return f'{data.builder.info.full_name} {config!r}'
+  return builder_description(data.builder)
+
+
+def builder_description(builder) -> str:
+  """`dataset_description` of a TFDS builder."""
+  return f'{builder.info.full_name} {builder.builder_config!r}'
 
 
 class Clock:

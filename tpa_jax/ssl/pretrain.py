@@ -120,10 +120,10 @@ def dataset_key(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The description of the pre-training dataset that the cache key holds (its TFDS name,
   version and builder config, not where it is stored)."""
   from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
+  from tpa_jax.programs import demo  # pylint: disable=import-outside-toplevel
   d = config.data
-  builder = datasets.open_builder(d.name, d.data_dir or os.path.join(workdir, 'data'),
-                                  d.domains_file)
-  return f'{builder.info.full_name} {builder.builder_config!r}'
+  return demo.builder_description(datasets.open_builder(
+      d.name, d.data_dir or os.path.join(workdir, 'data'), d.domains_file))
 
 
 def cached(config: ml_collections.ConfigDict, workdir: str) -> str | None:

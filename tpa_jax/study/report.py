@@ -236,6 +236,25 @@ def plots(rows: list[dict], workdir: str) -> None:
     plt.close(fig)
 
 
+def _score_with_rate(s: dict | None) -> str:
+  """'mean ± std (best-path mean) [rate]' of a summarized cell, or '-'."""
+  if not s or s['mean'] is None:
+    return '-'
+  text = f"{_percent(s['mean'])} ± {_percent(s['std'])}"
+  if s['best_path_mean'] is not None:
+    text += f" ({_percent(s['best_path_mean'])})"
+  return f"{text} [{s['row']['learning_rate']:g}]"
+
+
+def _difference(s: dict | None, reference: dict | None, metric: str, suffix: str) -> str | None:
+  """How `s` differs from `reference`: relative for WER, absolute points for accuracy."""
+  if not s or not reference or s['mean'] is None or reference['mean'] is None:
+    return None
+  if metric == 'wer':
+    return f"{100 * (s['mean'] / reference['mean'] - 1):+.0f}%{suffix}"
+  return f"{100 * (s['mean'] - reference['mean']):+.1f} points{suffix}"
+
+
 def scale_table(rows: list[dict]) -> str:
   """Markdown: per base size and task, each method's test score (mean ± std over seeds; ASR:
   the best-path WER in brackets) and chosen learning rate, TPA's trainable share, and the gap
@@ -259,19 +278,10 @@ def scale_table(rows: list[dict]) -> str:
       metric = next(r['metric'] for r in sub if r['task'] == task)
       cells = []
       for method in methods:
-        s = summary.get((task, method))
-        if not s or s['mean'] is None:
-          cells.append('-')
-          continue
-        text = f"{_percent(s['mean'])} ± {_percent(s['std'])}"
-        if s['best_path_mean'] is not None:
-          text += f" ({_percent(s['best_path_mean'])})"
-        cells.append(f"{text} [{s['row']['learning_rate']:g}]")
+        cells.append(_score_with_rate(summary.get((task, method))))
       full, tpa = summary.get((task, 'full')), summary.get((task, 'tpa'))
-      gap, share = '-', '-'
-      if full and tpa and full['mean'] is not None and tpa['mean'] is not None:
-        gap = (f"{100 * (tpa['mean'] / full['mean'] - 1):+.0f}% relative" if metric == 'wer'
-               else f"{100 * (tpa['mean'] - full['mean']):+.1f} points")
+      gap = _difference(tpa, full, metric, ' relative' if metric == 'wer' else '') or '-'
+      share = '-'
       if tpa and tpa['row'].get('trainable_fraction') is not None:
         share = f"{100 * tpa['row']['trainable_fraction']:.2f}%"
       frozen = f'{params:,}' if params else '-'
@@ -306,17 +316,8 @@ def base_table(rows: list[dict]) -> str:
       cells = []
       for task in tasks:
         s, floor = sub.get((task, method)), summary.get('random', {}).get((task, method))
-        if not s or s['mean'] is None:
-          cells.append('-')
-          continue
-        text = f"{_percent(s['mean'])} ± {_percent(s['std'])}"
-        if s['best_path_mean'] is not None:
-          text += f" ({_percent(s['best_path_mean'])})"
-        text += f" [{s['row']['learning_rate']:g}]"
-        if base != 'random' and floor and floor['mean'] is not None:
-          text += (f" ({100 * (s['mean'] / floor['mean'] - 1):+.0f}% vs random)"
-                   if metric[task] == 'wer' else
-                   f" ({100 * (s['mean'] - floor['mean']):+.1f} points vs random)")
-        cells.append(text)
+        text = _score_with_rate(s)
+        gap = _difference(s, floor, metric[task], ' vs random') if base != 'random' else None
+        cells.append(f'{text} ({gap})' if gap else text)
       lines.append(f'| {base} | {method} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
