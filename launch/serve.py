@@ -35,6 +35,10 @@ _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '8', '32'], 'Rows (utteran
                                  'the compiled batch shapes.')
 _SELECT = flags.DEFINE_enum('select', 'gather', ['gather', 'onehot'],
                             'How each row reads its adapters from the bank.')
+_DECODING = flags.DEFINE_enum(
+    'decoding', 'best_path', list(multitask.DECODINGS),
+    "CTC text: 'best_path', or 'lexicon' (the lexicon decoder an adapter export carries when "
+    'its run decoded with one; slower, on the host).')
 _MESH = flags.DEFINE_string('mesh', '', 'Mesh axis sizes (data=..,fsdp=..,tensor=..). Default: '
                             'the config\'s mesh if it fits, else every device on the data axis.')
 flags.mark_flags_as_required(['config'])
@@ -52,7 +56,8 @@ def main(argv):
   mesh = sharding.program_mesh(config.mesh, _MESH.value)
   model = multitask.MultiTaskModel(
       config, mesh, tasks=tasks, capacity=_CAPACITY.value, reserve=_RESERVE.value,
-      batch_sizes=[int(b) for b in _BATCH_SIZES.value], select=_SELECT.value)
+      batch_sizes=[int(b) for b in _BATCH_SIZES.value], select=_SELECT.value,
+      decoding_kind=_DECODING.value)
   model.warmup()
   batcher = server.Batcher(model, max_wait_ms=_MAX_WAIT.value)
   import uvicorn  # pylint: disable=import-outside-toplevel

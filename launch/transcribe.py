@@ -11,8 +11,9 @@ sample rate). The config describes the base (model, features, length buckets, ba
 adapter export (launch/export.py --kind=adapter) must have been trained on that base. Batches
 mix tasks; an utterance asked for several tasks runs its frozen prefix once. One JSON line per
 input: {"input", "line", "results": [{"task", "text"} or {"task", "label", "probability"}]}
-(CTC text by best-path decoding). Inputs that cannot run are skipped, counted by reason and
-logged; a summary is printed as one JSON line.
+(CTC text by best path, or with --decoding=lexicon by the lexicon decoder that the task's
+export carries). Inputs that cannot run are skipped, counted by reason and logged; a summary
+is printed as one JSON line.
 """
 
 import json
@@ -33,6 +34,10 @@ _OUTPUT = flags.DEFINE_string('output', None, 'JSON lines, one per input.')
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'Rows (utterance x task) per batch.')
 _SELECT = flags.DEFINE_enum('select', 'gather', ['gather', 'onehot'],
                             'How each row reads its adapters from the bank.')
+_DECODING = flags.DEFINE_enum(
+    'decoding', 'best_path', list(multitask.DECODINGS),
+    "CTC text: 'best_path', or 'lexicon' (the lexicon decoder an adapter export carries when "
+    'its run decoded with one; slower, on the host).')
 _MESH = flags.DEFINE_string('mesh', '', 'Mesh axis sizes (data=..,fsdp=..,tensor=..). Default: '
                             'every device here on the data axis.')
 flags.mark_flags_as_required(['config', 'adapters', 'input', 'output'])
@@ -49,7 +54,8 @@ def main(argv):
   tasks = multitask.parse_adapters(_ADAPTERS.value)
   mesh = sharding.program_mesh(config.mesh, _MESH.value)
   model = multitask.MultiTaskModel(config, mesh, tasks=tasks, capacity=len(tasks),
-                                   batch_sizes=(_BATCH.value,), select=_SELECT.value)
+                                   batch_sizes=(_BATCH.value,), select=_SELECT.value,
+                                   decoding_kind=_DECODING.value)
   summary = multitask.transcribe(model, _INPUT.value, _OUTPUT.value)
   print(json.dumps(summary))
 

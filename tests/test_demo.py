@@ -48,6 +48,23 @@ def test_tiny_demo_end_to_end_and_cached_base(tmp_path):
   assert run['config']['base']['path'] == str(tmp_path / 'base' / 'encoder')
   assert run['adapter']['placement'] == 'ff_parallel'
 
+  # The adapters trained here, served: exported from the adaptation run (which names the demo's
+  # corpus and tokenizers) with the demo's lexicon decoder, evaluated from the export, and
+  # served by launch/transcribe.py's multi-task model from WAV files, they score the demo's
+  # WER, utterance count included.
+  served = subprocess.run(
+      [sys.executable, 'benchmarks/served_tasks.py', f'--workdir={tmp_path / "served"}',
+       f'--runs=es={tmp_path / "adapt"}', '--decoding=lexicon'],
+      cwd=ROOT, env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+      capture_output=True, text=True, timeout=600)
+  assert served.returncode == 0, served.stderr[-4000:]
+  record, total = [json.loads(line) for line in served.stdout.splitlines()[-2:]]
+  assert record['task'] == 'es' and record['decoding'] == 'lexicon' and record['equal'], record
+  assert record['served'] == results['target_wer_after']
+  assert record['served'] < results['target_wer_before']
+  assert total['written'] == record['utterances'] and total['skipped'] == 0
+  assert not os.path.exists(tmp_path / 'adapt' / 'data')  # the demo's corpus was read
+
   # Second run, adapting with another method: the corpus and the base are
   # reused (the base's cache key covers only what determines the base); the restored base
   # scores exactly the same.

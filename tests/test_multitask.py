@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -116,6 +117,50 @@ def test_mixed_batches_equal_each_task_model_on_1_and_4_devices(served, mesh1, m
     want = [reference(config, models, n, audio[u]) for n in names]
     assert_same(outputs[mesh1][u], want)
     assert_same(outputs[mesh22][u], want)
+
+
+def test_lexicon_decoding_carried_by_an_export_equals_the_task_model_decoded_with_it(
+    served, mesh1, tmp_path):
+  """An export of a run that decoded with the lexicon decoder carries it; served with
+  decoding_kind='lexicon', its text is that decoder's over the task's own log-probabilities;
+  a task whose export carries none is decoded by best path."""
+  config, exports, models, _ = served
+  words = {'ab': 5, 'cab': 3, 'deed': 2, 'face': 2, 'gig': 1, 'hop': 1, 'mop': 1, 'p': 4}
+  lexicon = decoding.lexicon_settings(
+      ml_collections.ConfigDict(dict(kind='lexicon', lm_smoothing=0.5, alpha=0.5, beta=2.0,
+                                     beam_width=8, token_min_log_prob=-8.0)),
+      lambda: [' '.join(w for w, n in words.items() for _ in range(n))])
+  assert lexicon['word_counts'] == words
+  path = str(tmp_path / 'tpa_lexicon.safetensors')
+  tensors, _ = export.read_adapters(exports['tpa'])
+  spec = export.read_spec(exports['tpa'])
+  export.write_adapters(path, tensors, tiny_config('tpa', **{'adapter.bottleneck': 8}), spec,
+                        {'id': spec.base_fingerprint, 'weights': 'w', 'config': {}}, 0,
+                        tokenizer=CharTokenizer(ALPHABET), lexicon=lexicon)
+  with pytest.raises(UserError, match=r"decoding='beam': accepted values are \('best_path', "
+                     r"'lexicon'\)"):
+    multitask.MultiTaskModel(config, mesh1, tasks={'tpa': path}, capacity=1,
+                             decoding_kind='beam')
+  model = multitask.MultiTaskModel(config, mesh1, tasks={'lex': path, 'lora': exports['lora']},
+                                   capacity=2, batch_sizes=(8,), decoding_kind='lexicon')
+  assert model.tasks['lex'].describe()['decoding'] == 'lexicon'
+  assert model.tasks['lora'].describe()['decoding'] == 'best_path'
+  audio = utterances(3)
+  got = model.infer(audio, [['lex', 'lora'], ['lex'], ['lora', 'lex']])
+  decoder = decoding.lexicon_decoder(lexicon, CharTokenizer(ALPHABET))
+  featurizer = make_featurizer(config)
+  texts = set()
+  for u, a in enumerate(audio):
+    features, mask = featurizer(a[None], np.array([len(a)], np.int32))
+    logits, out_mask = models['tpa'](features, mask)
+    log_probs = np.asarray(jax.nn.log_softmax(np.asarray(logits[0], np.float32), -1))
+    want = decoder.decode(log_probs[np.asarray(out_mask[0])])
+    assert [r['text'] for r in got[u] if r['task'] == 'lex'] == [want]
+    assert set(want.split()) <= set(words)
+    texts.add(want)
+    assert [r for r in got[u] if r['task'] == 'lora'] == (
+        [reference(config, models, 'lora', a)] if u != 1 else [])
+  assert texts != {''}  # the decoder spelled words, not only silence
 
 
 def test_tasks_are_added_and_removed_without_compiling_and_bad_ones_refused(served, mesh1):

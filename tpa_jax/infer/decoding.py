@@ -189,11 +189,27 @@ def make_decoder(config, tokenizer, train_texts: Callable[[], Iterable[str]]
   """The decoder `config` (a `decoding` config section) names for a CTC model whose tokens come
   from `tokenizer`: None for best path ('greedy'), or a lexicon decoder over the words of
   `train_texts` (called only then)."""
+  settings = lexicon_settings(config, train_texts)
+  return None if settings is None else lexicon_decoder(settings, tokenizer)
+
+
+def lexicon_settings(config, train_texts: Callable[[], Iterable[str]]) -> dict | None:
+  """What a lexicon decoder is made of, as plain data (adapter exports carry it): the word
+  counts of `train_texts` and the search settings of `config`; None for best path."""
   if config.kind == 'greedy':
     return None
   if config.kind != 'lexicon':
     raise ConfigError(f"decoding.kind={config.kind!r}: accepted values are 'greedy', 'lexicon'")
+  counts = collections.Counter(w for t in train_texts() for w in t.split())
+  return {'word_counts': dict(sorted(counts.items())), 'lm_smoothing': config.lm_smoothing,
+          'alpha': config.alpha, 'beta': config.beta, 'beam_width': config.beam_width,
+          'token_min_log_prob': config.token_min_log_prob}
+
+
+def lexicon_decoder(settings: dict, tokenizer) -> LexiconDecoder:
+  """The lexicon decoder of `lexicon_settings`' output, over `tokenizer`'s tokens."""
   return LexiconDecoder(tokenizer.token_texts(),
-                        WordLM.from_texts(train_texts(), config.lm_smoothing),
-                        alpha=config.alpha, beta=config.beta, beam_width=config.beam_width,
-                        token_min_log_prob=config.token_min_log_prob)
+                        WordLM(settings['word_counts'], settings['lm_smoothing']),
+                        alpha=settings['alpha'], beta=settings['beta'],
+                        beam_width=settings['beam_width'],
+                        token_min_log_prob=settings['token_min_log_prob'])

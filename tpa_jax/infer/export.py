@@ -30,6 +30,7 @@ from tpa_jax import checkpoint, sharding
 from tpa_jax.checkpoint import spec as spec_lib
 from tpa_jax.checkpoint.base import remove, swap_into_place
 from tpa_jax.errors import CheckpointError, SpecMismatchError
+from tpa_jax.infer import decoding
 from tpa_jax.train import partition
 from tpa_jax.train import trainer as trainer_lib
 
@@ -89,15 +90,19 @@ def decoding_of(config: ml_collections.ConfigDict, workdir: str,
   data, tokenizer = datasets.open_for_config(ml_collections.ConfigDict(config.to_dict()),
                                              workdir, mesh)
   if tokenizer is not None:
-    return {'tokenizer': tokenizer}
+    # The run's decoder goes with it: a lexicon decoder's word counts and settings.
+    lexicon = decoding.lexicon_settings(config.decoding,
+                                        lambda: data.texts(config.data.train_split))
+    return {'tokenizer': tokenizer, **({'lexicon': lexicon} if lexicon else {})}
   return {'labels': data.class_names}
 
 
 def write_adapters(output: str, tensors: dict[str, np.ndarray], config, spec: spec_lib.AdapterSpec,
                    fingerprint: dict, step: int, *, tokenizer=None,
-                   labels: Sequence[str] | None = None) -> dict:
+                   labels: Sequence[str] | None = None, lexicon: dict | None = None) -> dict:
   """Writes an adapter export: `tensors` (adapter and head arrays by state path) with `spec`,
-  the base's `fingerprint`, and the tokenizer or class labels that decode the head."""
+  the base's `fingerprint`, and the tokenizer or class labels that decode the head (and a CTC
+  run's lexicon decoder, `decoding.lexicon_settings`, when it decodes with one)."""
   metadata = {
       'format': ADAPTER_FORMAT, 'step': str(step), 'spec': json.dumps(spec.to_json()),
       'placement': config.adapter.placement, 'blocks': str(config.adapter.blocks),
@@ -110,8 +115,10 @@ def write_adapters(output: str, tensors: dict[str, np.ndarray], config, spec: sp
     metadata['tokenizer'] = base64.b64encode(tokenizer.serialize()).decode('ascii')
   if labels is not None:
     metadata['labels'] = json.dumps(list(labels))
+  if lexicon is not None:
+    metadata['lexicon'] = json.dumps(lexicon)
   _write_atomically(output, lambda path: safetensors_np.save_file(tensors, path, metadata))
-  return {**{k: v for k, v in metadata.items() if k != 'tokenizer'},
+  return {**{k: v for k, v in metadata.items() if k not in ('tokenizer', 'lexicon')},
           'num_tensors': len(tensors), 'bytes': os.path.getsize(output)}
 
 

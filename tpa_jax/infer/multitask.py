@@ -47,6 +47,8 @@ class Task:
   labels: list[str] | None  # classification tasks
   trainable_params: int
   bytes: int
+  # CTC tasks decoded with the lexicon decoder their export carries (decoding='lexicon').
+  decoder: decoding.LexiconDecoder | None = None
 
   @property
   def lowest_block(self) -> int | None:
@@ -59,7 +61,13 @@ class Task:
             'blocks': list(s.blocks) if s.blocks else [], 'bottleneck': s.bottleneck,
             'head': s.head_kind, 'head_size': s.head_size,
             'trainable_params': self.trainable_params, 'bytes': self.bytes,
-            'base_fingerprint': s.base_fingerprint}
+            'base_fingerprint': s.base_fingerprint,
+            **({'decoding': 'lexicon' if self.decoder else 'best_path'}
+               if s.head_kind == 'ctc' else {})}
+
+
+# How CTC tasks' outputs become text (MultiTaskModel's decoding_kind).
+DECODINGS = ('best_path', 'lexicon')
 
 
 class UnknownTaskError(UserError):
@@ -75,11 +83,12 @@ class SlotError(UserError):
 
 
 def read_task(path: str) -> tuple[AdapterSpec, dict[str, np.ndarray], object | None,
-                                  list[str] | None]:
-  """(spec, tensors, tokenizer, class labels) of an adapter export."""
+                                  list[str] | None, dict | None]:
+  """(spec, tensors, tokenizer, class labels, lexicon decoder settings) of an adapter export."""
   spec = export.read_spec(path)
   tensors, metadata = export.read_adapters(path)
   tokenizer = labels = None
+  lexicon = json.loads(metadata['lexicon']) if 'lexicon' in metadata else None
   if spec.head_kind == 'ctc':
     if 'tokenizer' not in metadata:
       raise CheckpointError(f'{path} carries no tokenizer (exported before serving existed); '
@@ -88,7 +97,7 @@ def read_task(path: str) -> tuple[AdapterSpec, dict[str, np.ndarray], object | N
   else:
     labels = json.loads(metadata.get('labels', 'null')) or [
         str(i) for i in range(spec.head_size)]
-  return spec, tensors, tokenizer, labels
+  return spec, tensors, tokenizer, labels, lexicon
 
 
 def base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -105,14 +114,20 @@ class MultiTaskModel:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
                tasks: dict[str, str], capacity: int, reserve: Sequence[str] = (),
-               batch_sizes: Sequence[int] = (1, 8), select: str = 'gather'):
+               batch_sizes: Sequence[int] = (1, 8), select: str = 'gather',
+               decoding_kind: str = 'best_path'):
     """`tasks`: name -> adapter export loaded at start; `reserve`: exports whose kinds the
-    bank's layout must also hold (tasks that may be added later)."""
+    bank's layout must also hold (tasks that may be added later). `decoding_kind`: CTC text by
+    'best_path', or 'lexicon': with the lexicon decoder an export carries (a run that decoded
+    with one), by best path for an export without one."""
     if capacity < max(len(tasks), 1):
       raise UserError(f'--capacity={capacity} is below the {len(tasks)} tasks given')
     if select not in bank_lib.SELECTS:
       raise UserError(f'select={select!r}: accepted values are {bank_lib.SELECTS}')
+    if decoding_kind not in DECODINGS:
+      raise UserError(f'decoding={decoding_kind!r}: accepted values are {DECODINGS}')
     self.config, self.mesh, self.select = config, mesh, select
+    self.decoding_kind = decoding_kind
     self.batch_sizes = tuple(sorted(set(int(b) for b in batch_sizes)))
     cfg = base_config(config)
     model = trainer_lib.load_model(cfg, mesh)
@@ -141,6 +156,7 @@ class MultiTaskModel:
   def _compile(self) -> None:
     encoder, layout, featurizer, select = self.encoder, self.layout, self.featurizer, self.select
     dtype = jnp.dtype(self.config.model.dtype)
+    lexicon = self.decoding_kind == 'lexicon'
 
     def prefix(audio, lengths, depth):
       features, mask = featurizer(audio, lengths)
@@ -150,8 +166,11 @@ class MultiTaskModel:
       x, mask = jnp.take(x, row_utterance, axis=0), jnp.take(mask, row_utterance, axis=0)
       out = bank_lib.suffix(encoder, layout, bank, x, mask, task_ids, depth, select=select,
                             dtype=dtype)
-      if 'ctc' in out:  # decoded on the host: ship the best path, not the logits
-        out['ctc_ids'] = jnp.argmax(out.pop('ctc'), -1).astype(jnp.int32)
+      if 'ctc' in out:  # decoded on the host: ship the best path (and, for the lexicon
+        logits = out.pop('ctc')  # decoder, the log-probabilities; padded tokens at -1e9)
+        out['ctc_ids'] = jnp.argmax(logits, -1).astype(jnp.int32)
+        if lexicon:
+          out['ctc_log_probs'] = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
       if 'classification' in out:
         out['classification'] = jax.nn.softmax(out['classification'], -1)
       return out, mask
@@ -193,7 +212,7 @@ class MultiTaskModel:
     return self._add(name, path, read_task(path))
 
   def _add(self, name: str, path: str, loaded) -> Task:
-    spec, tensors, tokenizer, labels = loaded
+    spec, tensors, tokenizer, labels, lexicon = loaded
     if not isinstance(name, str) or not name or any(c in name for c in ',=/ \t'):
       raise UserError(f'task name {name!r}: use letters, digits, - or _')
     if spec.base_fingerprint != self.fingerprint:
@@ -215,7 +234,9 @@ class MultiTaskModel:
         self.bank = self._write(self.bank, np.int32(free[0]), arrays)
       task = Task(name, free[0], spec, path, tokenizer, labels,
                   trainable_params=int(sum(v.size for v in tensors.values())),
-                  bytes=int(sum(v.nbytes for v in tensors.values())))
+                  bytes=int(sum(v.nbytes for v in tensors.values())),
+                  decoder=(decoding.lexicon_decoder(lexicon, tokenizer)
+                           if lexicon and self.decoding_kind == 'lexicon' else None))
       self.tasks[name] = task
     return task
 
@@ -291,7 +312,10 @@ class MultiTaskModel:
     out_mask = np.concatenate([np.asarray(p[1]) for p in parts])
     results: list[list[dict]] = [[] for _ in utterances]
     for i, (u, t) in enumerate(rows):
-      if t.spec.head_kind == 'ctc':
+      if t.spec.head_kind == 'ctc' and t.decoder is not None:
+        log_probs = out['ctc_log_probs'][i][out_mask[i]][:, :t.spec.head_size]
+        results[u].append({'task': t.name, 'text': t.decoder.decode(log_probs)})
+      elif t.spec.head_kind == 'ctc':
         ids = decoding.collapse(out['ctc_ids'][i][out_mask[i]])
         results[u].append({'task': t.name, 'text': t.tokenizer.decode(ids)})
       else:

@@ -204,6 +204,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   adapt_config = stage_config(config, demo.adapt, dataset=demo.target,
                               vocab_size=target_tok.vocab_size)
   adapt_config.base.path = os.path.join(base_path, 'encoder')
+  # The run checkpoint names the demo's corpus and tokenizers, so that launch/export.py and
+  # launch/evaluate.py on <workdir>/adapt read them instead of preparing their own.
+  adapt_config.data.data_dir = os.path.abspath(config.data.data_dir or
+                                               os.path.join(workdir, 'data'))
+  adapt_config.tokenizer.dir = os.path.abspath(token_dir)
   trainer = trainer_lib.from_config(adapt_config, mesh)
   info = training.describe(trainer)
   loader = iter(target.train_loader(target_tok, seed=config.seed,
