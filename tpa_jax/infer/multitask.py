@@ -220,6 +220,8 @@ class MultiTaskModel:
           f'{path} was trained on base {spec.base_fingerprint}, this server\'s base is '
           f'{self.fingerprint}: adapters only fit the base they were trained on')
     arrays = bank_lib.slot_arrays(self.layout, spec, tensors, name)
+    decoder = (decoding.lexicon_decoder(lexicon, tokenizer)
+               if lexicon and self.decoding_kind == 'lexicon' else None)
     with self.lock:
       if name in self.tasks:
         raise SlotError(f'task {name!r} is already served (slot {self.tasks[name].slot}); '
@@ -234,9 +236,7 @@ class MultiTaskModel:
         self.bank = self._write(self.bank, np.int32(free[0]), arrays)
       task = Task(name, free[0], spec, path, tokenizer, labels,
                   trainable_params=int(sum(v.size for v in tensors.values())),
-                  bytes=int(sum(v.nbytes for v in tensors.values())),
-                  decoder=(decoding.lexicon_decoder(lexicon, tokenizer)
-                           if lexicon and self.decoding_kind == 'lexicon' else None))
+                  bytes=int(sum(v.nbytes for v in tensors.values())), decoder=decoder)
       self.tasks[name] = task
     return task
 
