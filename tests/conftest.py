@@ -1,7 +1,10 @@
 """Test harness: 4 simulated CPU devices (set before jax is imported) and small shared helpers."""
 
+import fcntl
 import json
 import os
+import shutil
+import socket
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4').strip()
@@ -56,6 +59,25 @@ def trained_task(method: str, overrides: dict, mesh, seed: int = 3, base_seed: i
   return config, model, spec, flat_arrays(nnx.state(model, trainable))
 
 
+def host_arrays(path) -> dict:
+  """The arrays of an orbax PyTree checkpoint, as numpy arrays keyed by their tree paths,
+  whatever mesh or number of processes saved them."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ocp.PyTreeCheckpointer() as c:
+    tree = c.metadata(str(path)).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = c.restore(str(path), args=ocp.args.PyTreeRestore(restore_args=args))
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def free_port() -> int:
+  """A TCP port of localhost that nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
 def logged_steps(workdir):
   """Steps of the complete lines of a run's metrics.jsonl (a killed run may leave a torn one)."""
   try:
@@ -63,6 +85,73 @@ def logged_steps(workdir):
       return [json.loads(line)['step'] for line in f if line.endswith('\n')]
   except FileNotFoundError:
     return []
+
+
+# The slowest tests (measured), run first, so that pytest-xdist's workers share them out rather
+# than one worker ending the session alone on one, and the folders of `built_once` are built
+# early. Only tests without module-scoped fixtures: moving one away from its module's other
+# tests would build its module's fixtures again.
+RUN_FIRST = (
+    'test_tiny_study_end_to_end_rerun_and_resume',  # builds the tiny study
+    'test_resumed_two_process_run_equals_the_one_process_run',  # builds the multi-host runs
+    'test_the_scale_variant_compares_bases_of_several_sizes',
+    'test_tiny_demo_end_to_end_and_cached_base',
+    'test_a_tiny_pretraining_learns_and_its_quantizer_never_trains',  # builds the pre-training
+    'test_killed_and_resumed_it_ends_bit_identical',
+    'test_the_top_k_and_bottleneck_curves',
+    'test_the_ssl_study_adapts_the_written_base_and_a_random_one_under_their_fingerprints',
+    'test_step_cost_benchmark_prints_every_field',
+    'test_a_failed_cell_is_recorded_and_the_study_goes_on',
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(RUN_FIRST)}
+  items.sort(key=lambda item: rank.get(item.originalname, len(rank)))  # (stable)
+
+
+def session_root(tmp_path_factory):
+  """A folder of this test session that every pytest-xdist worker shares (pytest keeps the
+  last few sessions' and removes older ones)."""
+  root = tmp_path_factory.getbasetemp()
+  return root.parent if os.environ.get('PYTEST_XDIST_WORKER') else root  # <session>/popen-gwN
+
+
+@pytest.fixture(scope='session', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the whole test session, shared by the workers and
+  every subprocess they start: many tests compile the same tiny programs. A size limit turns
+  on the cache's file lock, so that no process reads an entry being written."""
+  settings = {
+      'jax_compilation_cache_dir': str(session_root(tmp_path_factory) / 'jax_cache'),
+      'jax_persistent_cache_min_compile_time_secs': 0.2,
+      'jax_compilation_cache_max_size': 8 << 30,
+  }
+  for name, value in settings.items():
+    os.environ.setdefault(name.upper(), str(value))  # (subprocesses)
+    jax.config.update(name, type(value)(os.environ[name.upper()]))
+
+
+def built_once(tmp_path_factory, name, build):
+  """`build(folder)` run once per test session, however many pytest-xdist workers ask for it.
+
+  The first worker to ask builds into a folder that every worker of the session shares, under a
+  file lock; the others wait for the lock and reuse the folder. Returns (folder, what build
+  returned, which must be JSON). A build that failed (raised) is cleared and tried again by the
+  next worker that asks, which then reports its own failure. Tests put their outputs under
+  their own tmp_path; what one does in the shared folder leaves it as the others read it (a
+  re-run that trains nothing, another dataset prepared beside the others).
+  """
+  shared = session_root(tmp_path_factory) / 'built_once'
+  shared.mkdir(exist_ok=True)
+  folder, record = shared / name, shared / f'{name}.json'
+  with open(shared / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not record.exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      record.write_text(json.dumps(build(folder)))
+    return folder, json.loads(record.read_text())
 
 
 @pytest.fixture(scope='session')

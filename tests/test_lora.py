@@ -2,7 +2,6 @@
 and removing adapters from blocks without retraining."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -12,7 +11,6 @@ from tpa_jax.checkpoint import spec as spec_lib
 from tpa_jax.nn import adapters as adapters_lib
 from tpa_jax.nn import build, lora
 from tpa_jax.nn.params import AdapterParam, HeadParam, LoRAParam
-from tpa_jax.train import partition
 from tpa_jax.train import trainer as trainer_lib
 
 

@@ -10,21 +10,18 @@ import json
 import re
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from tpa_jax.data import pipeline
 from tpa_jax.data import random_task
 from tpa_jax.programs import distributed
 
-from conftest import logged_steps, tiny_config
+from conftest import built_once, free_port, host_arrays, logged_steps, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 16
@@ -38,12 +35,6 @@ COMMON = ('--config=configs/tiny.py', '--config.mesh.data=2', '--config.mesh.fsd
           # top-level gradient all-reduce, entered in different orders by different devices,
           # which the CPU runtime can deadlock on (and gloo can mismatch) when threads are few.
           '--config.model.scan_layers=False')
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
 
 
 class Job:
@@ -102,41 +93,39 @@ def committed(workdir):
 
 def saved_state(workdir, step):
   """The arrays of a saved TrainState as host arrays, whatever topology saved them."""
-  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
-  with ocp.PyTreeCheckpointer() as c:
-    tree = c.metadata(path).item_metadata.tree
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = c.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  return host_arrays(os.path.join(workdir, 'checkpoints', str(step), 'state'))
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture
 def runs(tmp_path_factory):
   """A 2-process run preempted by a SIGTERM to process 1 alone, then relaunched to NUM_STEPS;
-  and the same config in one process on 4 devices."""
-  base = tmp_path_factory.mktemp('multihost')
-  two, one = str(base / 'two'), str(base / 'one')
-  deadline = time.time() + DEADLINE_SECONDS
-  reference = Job(str(base), 'one-process').start(one, 4, f'--config.train.num_steps={NUM_STEPS}')
-  first = Job(str(base), 'two-processes').start_processes(two, 2, '--config.train.num_steps=1000')
-  while not logged_steps(two) or max(logged_steps(two)) < 4:
-    if time.time() > deadline or any(p.poll() is not None for p in first.procs):
-      first.procs += reference.procs  # (killed with the others)
-      first.fail('ended or hung before step 4')
-    time.sleep(0.1)
-  first.procs[1].send_signal(signal.SIGTERM)  # a maintenance event on one host only
-  first.wait(deadline)
-  stopped_at = committed(two)
-  results = json.load(open(os.path.join(two, 'results.json')))
-  reference.wait(deadline)
+  and the same config in one process on 4 devices (run once per session)."""
+  def build(base):
+    two, one = str(base / 'two'), str(base / 'one')
+    deadline = time.time() + DEADLINE_SECONDS
+    reference = Job(str(base), 'one-process').start(one, 4,
+                                                    f'--config.train.num_steps={NUM_STEPS}')
+    first = Job(str(base), 'two-processes').start_processes(two, 2,
+                                                            '--config.train.num_steps=1000')
+    while not logged_steps(two) or max(logged_steps(two)) < 4:
+      if time.time() > deadline or any(p.poll() is not None for p in first.procs):
+        first.procs += reference.procs  # (killed with the others)
+        first.fail('ended or hung before step 4')
+      time.sleep(0.1)
+    first.procs[1].send_signal(signal.SIGTERM)  # a maintenance event on one host only
+    first.wait(deadline)
+    stopped_at = committed(two)
+    results = json.load(open(os.path.join(two, 'results.json')))
+    reference.wait(deadline)
 
-  deadline = time.time() + DEADLINE_SECONDS
-  resumed = Job(str(base), 'resumed').start_processes(two, 2,
-                                                      f'--config.train.num_steps={NUM_STEPS}')
-  resumed.wait(deadline)
-  return dict(two=two, one=one, first=first, stopped_at=stopped_at, results=results,
-              resumed=resumed)
+    deadline = time.time() + DEADLINE_SECONDS
+    resumed = Job(str(base), 'resumed').start_processes(two, 2,
+                                                        f'--config.train.num_steps={NUM_STEPS}')
+    resumed.wait(deadline)
+    return dict(two=two, one=one, stopped_at=stopped_at, results=results,
+                first_logs=[first.log(i) for i in range(2)],
+                resumed_logs=[resumed.log(i) for i in range(2)])
+  return built_once(tmp_path_factory, 'multihost', build)[1]
 
 
 def test_sigterm_to_one_process_stops_every_process_at_one_saved_step(runs):
@@ -146,12 +135,12 @@ def test_sigterm_to_one_process_stops_every_process_at_one_saved_step(runs):
   assert 4 < step < NUM_STEPS
   assert runs['results']['preempted'] is True and runs['results']['step'] == step
   for i in range(2):
-    assert f'every process saves step {step}, then exits' in runs['first'].log(i)
+    assert f'every process saves step {step}, then exits' in runs['first_logs'][i]
 
 
 def test_resumed_two_process_run_equals_the_one_process_run(runs):
   for i in range(2):
-    assert f'resumed from step {runs["stopped_at"][0]}' in runs['resumed'].log(i)
+    assert f'resumed from step {runs["stopped_at"][0]}' in runs['resumed_logs'][i]
   two, one = saved_state(runs['two'], NUM_STEPS), saved_state(runs['one'], NUM_STEPS)
   assert two.keys() == one.keys()
   for key in one:

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import tiny_config, trained_task
+from conftest import free_port, tiny_config, trained_task
 from tpa_jax import checkpoint, sharding
 from tpa_jax.data import pcm
 from tpa_jax.data.tokenizer import CharTokenizer
@@ -280,15 +280,12 @@ def test_transcribe_writes_one_line_per_input_and_counts_skipped_ones(served, tm
 def test_the_server_batches_mixed_tasks_and_refuses_bad_requests(served, tmp_path):
   import base64
   import concurrent.futures
-  import socket
   import time
 
   import requests
 
   config, exports, models, root = served
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
+  port = free_port()
   adapters = ','.join(f'{n}={p}' for n, p in exports.items() if n != 'serial')
   cmd = [sys.executable, 'launch/serve.py', '--config=configs/adapt.py:model=tiny',
          f'--config.base.path={config.base.path}', '--config.data.bucket_seconds=0.5,1.0',

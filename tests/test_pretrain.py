@@ -12,15 +12,15 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from tpa_jax import checkpoint
 from tpa_jax.config.files import load_config_file
 from tpa_jax.errors import ConfigError
 from tpa_jax.train import trainer as trainer_lib
+
+from conftest import built_once, free_port, host_arrays
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12  # configs/pretrain.py:tiny
@@ -46,30 +46,25 @@ def metrics(workdir):
 
 
 def final_state(workdir, step=NUM_STEPS):
-  with ocp.StandardCheckpointer() as c:
-    restored = c.restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  return host_arrays(os.path.join(workdir, 'checkpoints', str(step), 'state'))
 
 
-def stored(path):
-  with ocp.StandardCheckpointer() as c:
-    restored = c.restore(path)
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+def _uninterrupted_run(tmp_path_factory):
+  """A tiny pre-training run and its corpus, once per session: <root>/best_rq (where a study
+  with base_workdir=<root> looks for its cached BEST-RQ base) and <root>/data."""
+  def build(root):
+    pretrain(root / 'best_rq', str(root / 'data'))
+  return built_once(tmp_path_factory, 'pretrain', build)[0]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture
 def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('pretrain_data'))
+  return str(_uninterrupted_run(tmp_path_factory) / 'data')
 
 
-@pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory, data_dir):
-  # <base_workdir>/best_rq: where a study looks for its cached BEST-RQ base.
-  workdir = tmp_path_factory.mktemp('pretrain') / 'best_rq'
-  pretrain(workdir, data_dir)
-  return workdir
+@pytest.fixture
+def uninterrupted(tmp_path_factory):
+  return _uninterrupted_run(tmp_path_factory) / 'best_rq'
 
 
 def test_a_tiny_pretraining_learns_and_its_quantizer_never_trains(uninterrupted):
@@ -89,9 +84,9 @@ def test_a_tiny_pretraining_learns_and_its_quantizer_never_trains(uninterrupted)
   state = final_state(uninterrupted)
   assert not any('quantizer' in k for k in state)
   assert any("'heads'" in k for k in state) and any("'blocks'" in k for k in state)
-  fixed = stored(os.path.join(uninterrupted, 'fixed_arrays'))
+  fixed = host_arrays(os.path.join(uninterrupted, 'fixed_arrays'))
   assert {k.split("'")[-2] for k in fixed} == {'projection', 'codebooks'}
-  head = stored(os.path.join(uninterrupted, 'base', 'head'))
+  head = host_arrays(os.path.join(uninterrupted, 'base', 'head'))
   for key, value in fixed.items():
     np.testing.assert_array_equal(head[key.replace("['head']", '', 1)], value)
   results = json.load(open(uninterrupted / 'results.json'))
@@ -123,7 +118,7 @@ def test_killed_and_resumed_it_ends_bit_identical(uninterrupted, data_dir, tmp_p
   assert a.keys() == b.keys()
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  ea, eb = (stored(os.path.join(w, 'base', 'encoder')) for w in (uninterrupted, tmp_path))
+  ea, eb = (host_arrays(os.path.join(w, 'base', 'encoder')) for w in (uninterrupted, tmp_path))
   for key in ea:
     np.testing.assert_array_equal(ea[key], eb[key], err_msg=key)
   steps = [r['step'] for r in metrics(tmp_path)]
@@ -168,6 +163,54 @@ def test_the_ssl_study_adapts_the_written_base_and_a_random_one_under_their_fing
   table = open(workdir / 'study.md').read()
   assert re.search(r'^\| best_rq \| tpa \| .*% vs random\) \|$', table, flags=re.M), table
   assert re.search(r'^\| random \| tpa \| ', table, flags=re.M)
+
+
+def test_two_processes_pretrain_as_one_does(uninterrupted, data_dir, tmp_path):
+  """Two JAX processes on localhost, one CPU device each, split every batch and end where the
+  one-device run ends: a row's masked spans, noise and targets do not depend on the process
+  that holds it, and both processes build the same fixed quantizer."""
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'PJRT_NPROC')}
+  port, procs, logs = free_port(), [], []
+  for i in range(2):
+    logs.append(tmp_path / f'process-{i}.log')
+    with open(logs[-1], 'w') as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, 'launch/pretrain.py', '--config=configs/pretrain.py:tiny',
+           f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={data_dir}',
+           '--config.train.log_every_steps=1', f'--coordinator_address=localhost:{port}',
+           '--num_processes=2', f'--process_id={i}'],
+          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+  deadline = time.time() + 480
+  while any(p.poll() is None for p in procs) and time.time() < deadline:
+    time.sleep(0.2)
+  for p in procs:  # (one hung in a collective waits for a dead peer: killed)
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+  tails = '\n'.join(f'--- {log} ---\n{log.read_text()[-3000:]}' for log in logs)
+  assert [p.returncode for p in procs] == [0, 0], tails
+  run = tmp_path / 'run'
+  assert "'data': 2" in logs[0].read_text(), tails  # the batch split over the processes
+  a, b = final_state(uninterrupted), final_state(run)
+  assert a.keys() == b.keys()
+  weights = [k for k in a if k.startswith("['trainable']")]
+  assert len(weights) > 20
+  for key in weights:
+    if "['key']['bias']" in key:
+      # A softmax over keys does not change with the key bias: its exact gradient is 0, and
+      # Adam scales the rounding noise it gets instead to steps of the rate's size (as it
+      # does in the optimizer's moments of other near-zero gradients, not compared).
+      continue
+    # Cross-process all-reduces sum in another order than one device: equal up to rounding.
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  fixed_a, fixed_b = (host_arrays(os.path.join(w, 'fixed_arrays')) for w in (uninterrupted, run))
+  for key in fixed_a:
+    np.testing.assert_array_equal(fixed_a[key], fixed_b[key], err_msg=key)
+  # The masked-frame count and the loss of every step: the same rows, masked the same.
+  for x, y in zip(metrics(uninterrupted), metrics(run), strict=True):
+    assert x['step'] == y['step'] and x['masked_frames'] == y['masked_frames'], (x, y)
+    np.testing.assert_allclose(y['loss'], x['loss'], rtol=1e-4)
+  assert (run / 'base' / 'encoder').exists()
 
 
 @pytest.mark.parametrize('override, message', [

@@ -10,11 +10,10 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import built_once, tiny_config
 from tpa_jax import config as config_lib
 from tpa_jax.data import random_task
 from tpa_jax.errors import ConfigError, UserError
@@ -49,19 +48,20 @@ def rows_of(workdir):
                 key=lambda r: (r['task'], r['method'], r['seed']))
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture
 def tiny_study(tmp_path_factory):
-  """The tiny study (2 tasks x 3 methods x 1 seed), run once uninterrupted."""
-  root = tmp_path_factory.mktemp('study')
-  cache = str(root / 'jax_cache')
-  workdir = str(root / 'a')
-  result = study(workdir, cache=cache)
-  assert result.returncode == 0, result.stderr[-4000:]
-  return root, workdir, cache, result
+  """The tiny study (2 tasks x 3 methods x 1 seed), run once uninterrupted (once per session:
+  its workdir and compile cache are shared by the tests' own studies)."""
+  def build(root):
+    result = study(str(root / 'a'), cache=str(root / 'jax_cache'))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+  root, stdout = built_once(tmp_path_factory, 'tiny_study', build)
+  return str(root / 'a'), str(root / 'jax_cache'), stdout
 
 
-def test_tiny_study_end_to_end_rerun_and_resume(tiny_study):
-  root, workdir, cache, first = tiny_study
+def test_tiny_study_end_to_end_rerun_and_resume(tiny_study, tmp_path):
+  workdir, cache, first_stdout = tiny_study
   rows = rows_of(workdir)
   assert [(r['task'].split('/')[-1], r['method']) for r in rows] == [
       (t, m) for t in ('lang_id_tiny', 'target_lang_tiny') for m in ('head', 'lora', 'tpa')]
@@ -87,7 +87,7 @@ def test_tiny_study_end_to_end_rerun_and_resume(tiny_study):
     assert os.path.exists(os.path.join(workdir, name)), name
   table = open(os.path.join(workdir, 'study.md')).read()
   assert '| tpa |' in table and '±' in table and '| lowest |' in table and '| highest |' in table
-  assert first.stdout.count('[study] ') == 6 and 'ETA' in first.stdout
+  assert first_stdout.count('[study] ') == 6 and 'ETA' in first_stdout
   # Validation every 3 steps, in the metrics file (and TensorBoard) of each cell.
   cell = os.path.join(workdir, tpa[-1]['folder'])
   logged = [json.loads(l) for l in open(os.path.join(cell, 'metrics.jsonl'))]
@@ -105,7 +105,7 @@ def test_tiny_study_end_to_end_rerun_and_resume(tiny_study):
 
   # Killed in the middle of a cell (its step-3 checkpoint written), then run again: the same
   # study.json as the uninterrupted run. It reuses the first study's base and corpus.
-  other = str(root / 'b')
+  other = str(tmp_path / 'b')
   flags = (f'--config.study.base_workdir={workdir}',
            f'--config.data.data_dir={os.path.join(workdir, "data")}')
   proc = study(other, *flags, cache=cache, wait=False)
@@ -138,7 +138,7 @@ def _walk(root):
 
 
 def test_the_best_validation_step_is_the_one_that_scores_test(tiny_study, mesh1):
-  _, workdir, _, _ = tiny_study
+  workdir, _, _ = tiny_study
   config = config_lib.load_config_file('configs/study.py:tiny')
   s = runner.Study(config, workdir)
   s.mesh, s.data_dir = mesh1, os.path.join(workdir, 'data')
@@ -194,9 +194,9 @@ def test_bad_names_are_refused_before_anything_runs(tmp_path):
   runner.check_workdir(changed, str(tmp_path / 'w'))
 
 
-def test_a_failed_cell_is_recorded_and_the_study_goes_on(tiny_study):
-  root, workdir, cache, _ = tiny_study
-  other = str(root / 'failing')
+def test_a_failed_cell_is_recorded_and_the_study_goes_on(tiny_study, tmp_path):
+  workdir, cache, _ = tiny_study
+  other = str(tmp_path / 'failing')
   result = study(other, f'--config.study.base_workdir={workdir}',
                  f'--config.data.data_dir={os.path.join(workdir, "data")}',
                  '--config.study.learning_rates=inf', '--config.study.methods=tpa,head',
@@ -316,11 +316,11 @@ def test_the_scale_variant_compares_bases_of_several_sizes(tmp_path):
   assert all(r['base_pretrain_loss'] > 0 for r in rows)
 
 
-def test_the_top_k_and_bottleneck_curves(tiny_study):
+def test_the_top_k_and_bottleneck_curves(tiny_study, tmp_path):
   """The full variant's curves: TPA on the top k blocks and with bottleneck r, in study.md
   (k = every block and the study's own r being `tpa`) and in the plots."""
-  root, workdir, cache, _ = tiny_study
-  other = str(root / 'curves')
+  workdir, cache, _ = tiny_study
+  other = str(tmp_path / 'curves')
   result = study(other, f'--config.study.base_workdir={workdir}',
                  f'--config.data.data_dir={os.path.join(workdir, "data")}',
                  '--config.study.tasks=synthetic_speech/target_lang_tiny',
