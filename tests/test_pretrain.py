@@ -136,7 +136,8 @@ def test_the_ssl_study_adapts_the_written_base_and_a_random_one_under_their_fing
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   args = [sys.executable, 'launch/study.py', '--config=configs/study.py:ssl_tiny',
           f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
-          '--config.study.bases=best_rq,random', f'--config.study.compile_cache={tmp_path}/cache',
+          '--config.study.bases=best_rq,random',
+          f'--config.study.compile_cache={os.environ["JAX_COMPILATION_CACHE_DIR"]}',
           f'--config.study.base_workdir={uninterrupted.parent}',
           '--config.study.eval_every_steps=12']  # one validation per run (test time)
   result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

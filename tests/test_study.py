@@ -30,9 +30,11 @@ ROW_FIELDS = ('task', 'method', 'seed', 'learning_rate', 'trainable_params', 'tr
 TIMING = ('seconds',)
 
 
-def study(workdir, *flags, cache, wait=True):
-  """launch/study.py on the tiny config, one device (as a user runs it)."""
+def study(workdir, *flags, wait=True):
+  """launch/study.py on the tiny config, one device (as a user runs it), compiling into the
+  test session's compilation cache."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  cache = os.environ['JAX_COMPILATION_CACHE_DIR']
   args = [sys.executable, 'launch/study.py', '--config=configs/study.py:tiny',
           f'--workdir={workdir}', f'--config.study.compile_cache={cache}', *flags]
   if not wait:
@@ -51,17 +53,17 @@ def rows_of(workdir):
 @pytest.fixture
 def tiny_study(tmp_path_factory):
   """The tiny study (2 tasks x 3 methods x 1 seed), run once uninterrupted (once per session:
-  its workdir and compile cache are shared by the tests' own studies)."""
+  its workdir is shared by the tests' own studies)."""
   def build(root):
-    result = study(str(root / 'a'), cache=str(root / 'jax_cache'))
+    result = study(str(root / 'a'))
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
   root, stdout = built_once(tmp_path_factory, 'tiny_study', build)
-  return str(root / 'a'), str(root / 'jax_cache'), stdout
+  return str(root / 'a'), stdout
 
 
 def test_tiny_study_end_to_end_rerun_and_resume(tiny_study, tmp_path):
-  workdir, cache, first_stdout = tiny_study
+  workdir, first_stdout = tiny_study
   rows = rows_of(workdir)
   assert [(r['task'].split('/')[-1], r['method']) for r in rows] == [
       (t, m) for t in ('lang_id_tiny', 'target_lang_tiny') for m in ('head', 'lora', 'tpa')]
@@ -97,7 +99,7 @@ def test_tiny_study_end_to_end_rerun_and_resume(tiny_study, tmp_path):
   # A re-run trains nothing: every cell's records stay as they were.
   records = sorted(p for p in _walk(workdir) if p.endswith(('trained.json', 'test.json')))
   stamps = {p: os.stat(p).st_mtime_ns for p in records}
-  again = study(workdir, cache=cache)
+  again = study(workdir)
   assert again.returncode == 0, again.stderr[-4000:]
   assert {p: os.stat(p).st_mtime_ns for p in records} == stamps
   assert '[train] step' not in again.stderr and 'validation at step' not in again.stderr
@@ -108,7 +110,7 @@ def test_tiny_study_end_to_end_rerun_and_resume(tiny_study, tmp_path):
   other = str(tmp_path / 'b')
   flags = (f'--config.study.base_workdir={workdir}',
            f'--config.data.data_dir={os.path.join(workdir, "data")}')
-  proc = study(other, *flags, cache=cache, wait=False)
+  proc = study(other, *flags, wait=False)
   victim = os.path.join(other, 'cells', 'lang_id_tiny', 'lora', 'lr=0.003', 'seed=0')
   marker = os.path.join(victim, 'checkpoints', '3', 'commit_success.txt')
   deadline = time.time() + 600
@@ -118,7 +120,7 @@ def test_tiny_study_end_to_end_rerun_and_resume(tiny_study, tmp_path):
   proc.communicate()
   assert os.path.exists(marker) and not os.path.exists(os.path.join(victim, 'trained.json'))
   # Resumed by two worker processes taking cells from one queue (the killed cell among them).
-  resumed = study(other, *flags, '--config.study.workers=2', cache=cache)
+  resumed = study(other, *flags, '--config.study.workers=2')
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   logs = [open(os.path.join(other, f'worker-{i}.log')).read() for i in range(2)]
   assert sum('resumed from step 3' in log for log in logs) == 1
@@ -138,7 +140,7 @@ def _walk(root):
 
 
 def test_the_best_validation_step_is_the_one_that_scores_test(tiny_study, mesh1):
-  workdir, _, _ = tiny_study
+  workdir, _ = tiny_study
   config = config_lib.load_config_file('configs/study.py:tiny')
   s = runner.Study(config, workdir)
   s.mesh, s.data_dir = mesh1, os.path.join(workdir, 'data')
@@ -176,7 +178,7 @@ def test_bad_names_are_refused_before_anything_runs(tmp_path):
   with pytest.raises(ValueError, match=r"one of \('quick', 'full', 'scale', 'ssl', 'best_rq', 'tiny'"):
     config_lib.load_config_file('configs/study.py:huge')
   # The program: one message, status 1, nothing written.
-  result = study(str(tmp_path / 's'), '--config.study.methods=head,nope', cache=str(tmp_path))
+  result = study(str(tmp_path / 's'), '--config.study.methods=head,nope')
   assert result.returncode == 1 and "accepted methods are ('head'" in result.stderr
   assert not os.path.exists(tmp_path / 's' / 'cells')
 
@@ -195,12 +197,12 @@ def test_bad_names_are_refused_before_anything_runs(tmp_path):
 
 
 def test_a_failed_cell_is_recorded_and_the_study_goes_on(tiny_study, tmp_path):
-  workdir, cache, _ = tiny_study
+  workdir, _ = tiny_study
   other = str(tmp_path / 'failing')
   result = study(other, f'--config.study.base_workdir={workdir}',
                  f'--config.data.data_dir={os.path.join(workdir, "data")}',
                  '--config.study.learning_rates=inf', '--config.study.methods=tpa,head',
-                 '--config.study.tasks=synthetic_speech/target_lang_tiny', cache=cache)
+                 '--config.study.tasks=synthetic_speech/target_lang_tiny')
   assert result.returncode == 0, result.stderr[-4000:]
   rows = json.load(open(os.path.join(other, 'study.json')))
   assert [r['method'] for r in rows] == ['tpa', 'head']  # the second ran after the first failed
@@ -297,8 +299,7 @@ def test_the_scale_variant_compares_bases_of_several_sizes(tmp_path):
   result = study(workdir, '--config.study.scale_models=demo,wide',
                  '--config.study.methods=full,tpa',
                  '--config.study.tasks=synthetic_speech/target_lang_tiny',
-                 '--config.study.eval_every_steps=12',  # one validation per run (test time)
-                 cache=str(tmp_path / 'cache'))
+                 '--config.study.eval_every_steps=12')  # one validation per run (test time)
   assert result.returncode == 0, result.stderr[-4000:]
   rows = json.load(open(os.path.join(workdir, 'study.json')))
   assert sorted((r['base'], r['method']) for r in rows) == [
@@ -319,12 +320,12 @@ def test_the_scale_variant_compares_bases_of_several_sizes(tmp_path):
 def test_the_top_k_and_bottleneck_curves(tiny_study, tmp_path):
   """The full variant's curves: TPA on the top k blocks and with bottleneck r, in study.md
   (k = every block and the study's own r being `tpa`) and in the plots."""
-  workdir, cache, _ = tiny_study
+  workdir, _ = tiny_study
   other = str(tmp_path / 'curves')
   result = study(other, f'--config.study.base_workdir={workdir}',
                  f'--config.data.data_dir={os.path.join(workdir, "data")}',
                  '--config.study.tasks=synthetic_speech/target_lang_tiny',
-                 '--config.study.methods=tpa,tpa_top1,tpa_r4', cache=cache)
+                 '--config.study.methods=tpa,tpa_top1,tpa_r4')
   assert result.returncode == 0, result.stderr[-4000:]
   test = {r['method']: r['test'] for r in json.load(open(os.path.join(other, 'study.json')))}
   table = open(os.path.join(other, 'study.md')).read()
