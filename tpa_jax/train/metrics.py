@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Sequence
 
 import jax
 
@@ -77,7 +78,7 @@ def _scalar(tag: str, value: float) -> bytes:
   return _field(1, tag.encode()) + _SCALARS_METADATA + _field(8, tensor)
 
 
-def event(step: int, *, summary_values: list[bytes] = (), file_version: str = '') -> bytes:
+def event(step: int, *, summary_values: Sequence[bytes] = (), file_version: str = '') -> bytes:
   """An Event: wall time (double, 1), step (int64, 2), file version (3) or summary (5)."""
   out = _varint(1 << 3 | 1) + struct.pack('<d', time.time())
   if step:
