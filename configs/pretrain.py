@@ -36,12 +36,8 @@ def get_config(arg=None):
   c = _demo_config('tiny' if arg == 'tiny' else None)
   pretrain.demo_fields(c)
   if arg == 'tiny':  # seconds (tests): the tiny corpus and model
-    c.ssl.update(dict(codebook_size=16, code_dim=4, mask_prob=0.2, mask_span=3))
-    c.ssl_pretrain.update(num_steps=12, warmup_steps=2, learning_rate=3e-3)
+    pretrain.tiny_fields(c)
     c.checkpoint.every_steps = 4
-    # Batches of 10 and 4 utterances (3 s and 7 s buckets): even, so that one device and a
-    # batch split over two processes train on the same batches (tests).
-    c.data.batch_seconds = 30.0
   if 'model' in args:
     model = args['model']
     if model not in config_lib.MODEL_PRESETS:

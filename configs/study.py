@@ -152,9 +152,7 @@ def get_config(arg=None):
     s.workers = 1
     if arg == 'ssl_tiny':
       pretrain.demo_fields(c)
-      c.ssl.update(dict(codebook_size=16, code_dim=4, mask_prob=0.2, mask_span=3))
-      c.ssl_pretrain.update(num_steps=12, warmup_steps=2, learning_rate=3e-3)
-      c.data.batch_seconds = 30.0  # configs/pretrain.py:tiny's, whose base a test caches
+      pretrain.tiny_fields(c)
       s.tasks = 'synthetic_speech/target_lang_tiny'
       s.methods = 'tpa'
       s.bases = 'best_rq,random,supervised'

@@ -55,6 +55,17 @@ def demo_fields(c: ml_collections.ConfigDict) -> None:
                              warmup_steps=300))
 
 
+def tiny_fields(c: ml_collections.ConfigDict) -> None:
+  """The tiny stage of the tests (seconds), after `demo_fields` on the demo's tiny config: a
+  small codebook, spans of 3 frames starting at 20% of frames, 12 steps. Batches of 10 and 4
+  utterances (3 s and 7 s buckets) are even, so that one device and a batch split over two
+  processes train on the same batches (configs/pretrain.py:tiny and configs/study.py:ssl_tiny,
+  whose study finds the base the first writes)."""
+  c.ssl.update(dict(codebook_size=16, code_dim=4, mask_prob=0.2, mask_span=3))
+  c.ssl_pretrain.update(num_steps=12, warmup_steps=2, learning_rate=3e-3)
+  c.data.batch_seconds = 30.0
+
+
 def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The run config of BEST-RQ pre-training from a config holding `ssl` and `ssl_pretrain`
   sections beside the shared model, features and data fields (the demo's, a study's): every
