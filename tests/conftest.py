@@ -5,6 +5,9 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4').strip()
@@ -76,6 +79,61 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('localhost', 0))
     return s.getsockname()[1]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Job:
+  """Processes of one launch of `program` (with flags `common`), their logs in files (a full
+  pipe would block a process). Every wait has a deadline, after which all processes are killed
+  and the test fails with their logs (one hung in a collective waits for a dead peer)."""
+
+  def __init__(self, log_dir, name, program, *common):
+    self.log_dir, self.name, self.procs, self.logs = log_dir, name, [], []
+    self.program, self.common = program, common
+
+  def start(self, workdir, devices, *flags):
+    log = os.path.join(self.log_dir, f'{self.name}-{len(self.procs)}.log')
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+               JAX_PLATFORMS='cpu')
+    if any(f.startswith('--num_processes=') for f in flags):
+      env.pop('PJRT_NPROC', None)  # (see tpa_jax.programs.cli.threads_for_simulated_devices)
+    with open(log, 'w') as f:
+      self.procs.append(subprocess.Popen(
+          [sys.executable, self.program, *self.common, f'--workdir={workdir}', *flags],
+          cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+    self.logs.append(log)
+    return self
+
+  def start_processes(self, workdir, count, *flags, devices=None):
+    """`count` processes on localhost, `devices` CPU devices each (default: 4 in all)."""
+    port = free_port()
+    for p in range(count):
+      self.start(workdir, devices or 4 // count, f'--coordinator_address=localhost:{port}',
+                 f'--num_processes={count}', f'--process_id={p}', *flags)
+    return self
+
+  def log(self, i):
+    with open(self.logs[i]) as f:
+      return f.read()
+
+  def fail(self, message):
+    for proc in self.procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    tails = '\n'.join(f'--- {log} ---\n' + self.log(i)[-3000:] for i, log in enumerate(self.logs))
+    pytest.fail(f'{self.name}: {message}\n{tails}')
+
+  def wait(self, deadline):
+    while any(p.poll() is None for p in self.procs):
+      if time.time() > deadline:
+        self.fail('did not finish in time (a process hung or waits for a dead peer)')
+      time.sleep(0.2)
+    codes = [p.returncode for p in self.procs]
+    if any(codes):
+      self.fail(f'exit codes {codes}')
 
 
 def logged_steps(workdir):

@@ -10,8 +10,6 @@ import json
 import re
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -21,9 +19,8 @@ from tpa_jax.data import pipeline
 from tpa_jax.data import random_task
 from tpa_jax.programs import distributed
 
-from conftest import built_once, free_port, host_arrays, logged_steps, tiny_config
+from conftest import Job, built_once, host_arrays, logged_steps, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 16
 DEADLINE_SECONDS = 480
 COMMON = ('--config=configs/tiny.py', '--config.mesh.data=2', '--config.mesh.fsdp=2',
@@ -37,52 +34,8 @@ COMMON = ('--config=configs/tiny.py', '--config.mesh.data=2', '--config.mesh.fsd
           '--config.model.scan_layers=False')
 
 
-class Job:
-  """Processes of one launch, their logs in files (a full pipe would block a process)."""
-
-  def __init__(self, log_dir, name):
-    self.log_dir, self.name, self.procs, self.logs = log_dir, name, [], []
-
-  def start(self, workdir, devices, *flags):
-    log = os.path.join(self.log_dir, f'{self.name}-{len(self.procs)}.log')
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-               JAX_PLATFORMS='cpu')
-    if any(f.startswith('--num_processes=') for f in flags):
-      env.pop('PJRT_NPROC', None)  # (see tpa_jax.programs.cli.threads_for_simulated_devices)
-    with open(log, 'w') as f:
-      self.procs.append(subprocess.Popen(
-          [sys.executable, 'launch/train.py', *COMMON, f'--workdir={workdir}', *flags],
-          cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
-    self.logs.append(log)
-    return self
-
-  def start_processes(self, workdir, count, *flags):
-    port = free_port()
-    for p in range(count):
-      self.start(workdir, 4 // count, f'--coordinator_address=localhost:{port}',
-                 f'--num_processes={count}', f'--process_id={p}', *flags)
-    return self
-
-  def log(self, i):
-    with open(self.logs[i]) as f:
-      return f.read()
-
-  def fail(self, message):
-    for proc in self.procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    tails = '\n'.join(f'--- {log} ---\n' + self.log(i)[-3000:] for i, log in enumerate(self.logs))
-    pytest.fail(f'{self.name}: {message}\n{tails}')
-
-  def wait(self, deadline):
-    while any(p.poll() is None for p in self.procs):
-      if time.time() > deadline:
-        self.fail('did not finish in time (a process hung or waits for a dead peer)')
-      time.sleep(0.2)
-    codes = [p.returncode for p in self.procs]
-    if any(codes):
-      self.fail(f'exit codes {codes}')
+def train_job(log_dir, name):
+  return Job(log_dir, name, 'launch/train.py', *COMMON)
 
 
 def committed(workdir):
@@ -103,9 +56,9 @@ def runs(tmp_path_factory):
   def build(base):
     two, one = str(base / 'two'), str(base / 'one')
     deadline = time.time() + DEADLINE_SECONDS
-    reference = Job(str(base), 'one-process').start(one, 4,
+    reference = train_job(str(base), 'one-process').start(one, 4,
                                                     f'--config.train.num_steps={NUM_STEPS}')
-    first = Job(str(base), 'two-processes').start_processes(two, 2,
+    first = train_job(str(base), 'two-processes').start_processes(two, 2,
                                                             '--config.train.num_steps=1000')
     while not logged_steps(two) or max(logged_steps(two)) < 4:
       if time.time() > deadline or any(p.poll() is not None for p in first.procs):
@@ -119,7 +72,7 @@ def runs(tmp_path_factory):
     reference.wait(deadline)
 
     deadline = time.time() + DEADLINE_SECONDS
-    resumed = Job(str(base), 'resumed').start_processes(two, 2,
+    resumed = train_job(str(base), 'resumed').start_processes(two, 2,
                                                         f'--config.train.num_steps={NUM_STEPS}')
     resumed.wait(deadline)
     return dict(two=two, one=one, stopped_at=stopped_at, results=results,

@@ -20,7 +20,7 @@ from tpa_jax.config.files import load_config_file
 from tpa_jax.errors import ConfigError
 from tpa_jax.train import trainer as trainer_lib
 
-from conftest import built_once, free_port, host_arrays
+from conftest import Job, built_once, host_arrays
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12  # configs/pretrain.py:tiny
@@ -170,28 +170,11 @@ def test_two_processes_pretrain_as_one_does(uninterrupted, data_dir, tmp_path):
   """Two JAX processes on localhost, one CPU device each, split every batch and end where the
   one-device run ends: a row's masked spans, noise and targets do not depend on the process
   that holds it, and both processes build the same fixed quantizer."""
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'PJRT_NPROC')}
-  port, procs, logs = free_port(), [], []
-  for i in range(2):
-    logs.append(tmp_path / f'process-{i}.log')
-    with open(logs[-1], 'w') as log:
-      procs.append(subprocess.Popen(
-          [sys.executable, 'launch/pretrain.py', '--config=configs/pretrain.py:tiny',
-           f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={data_dir}',
-           '--config.train.log_every_steps=1', f'--coordinator_address=localhost:{port}',
-           '--num_processes=2', f'--process_id={i}'],
-          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-  deadline = time.time() + 480
-  while any(p.poll() is None for p in procs) and time.time() < deadline:
-    time.sleep(0.2)
-  for p in procs:  # (one hung in a collective waits for a dead peer: killed)
-    if p.poll() is None:
-      p.kill()
-      p.wait()
-  tails = '\n'.join(f'--- {log} ---\n{log.read_text()[-3000:]}' for log in logs)
-  assert [p.returncode for p in procs] == [0, 0], tails
   run = tmp_path / 'run'
-  assert "'data': 2" in logs[0].read_text(), tails  # the batch split over the processes
+  job = Job(str(tmp_path), 'pretrain', 'launch/pretrain.py', '--config=configs/pretrain.py:tiny',
+            f'--config.data.data_dir={data_dir}', '--config.train.log_every_steps=1')
+  job.start_processes(str(run), 2, devices=1).wait(time.time() + 480)
+  assert "'data': 2" in job.log(0)  # the batch split over the processes
   a, b = final_state(uninterrupted), final_state(run)
   assert a.keys() == b.keys()
   weights = [k for k in a if k.startswith("['trainable']")]
