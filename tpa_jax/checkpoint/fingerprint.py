@@ -83,7 +83,7 @@ def weights_digest(state) -> str:
 
 
 # Model fields that do not change the weights (compute dtype, layout of the computation).
-_NOT_WEIGHTS = ('dtype', 'scan_layers', 'remat_policy')
+_NOT_WEIGHTS = ('dtype', 'scan_layers', 'remat_policy', 'attention_impl', 'attention_block')
 
 
 def base_fingerprint(model_config, model: nnx.Module) -> dict:

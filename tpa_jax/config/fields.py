@@ -72,6 +72,11 @@ def model_fields() -> ml_collections.ConfigDict:
   # relative_key: distances are clipped to [-left, right].
   m.left_max_position = 64
   m.right_max_position = 8
+  # Attention implementation: 'xla' (scores materialised, the reference), 'chunked' (blockwise
+  # online softmax, no [B, H, T, T] array in the forward or backward pass) or 'auto'.
+  m.attention_impl = 'xla'
+  # Key and query block (frames) of the chunked attention.
+  m.attention_block = 128
   # Activation of the FFN and conv modules: 'swish', 'gelu' (exact), 'gelu_tanh' or 'relu'.
   m.activation = 'swish'
   # Biases in the FFN, attention and conv module projections.

@@ -7,13 +7,18 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from tpa_jax import sharding
 from tpa_jax.errors import ConfigError
+from tpa_jax.nn.chunked_attention import chunked_attention
 from tpa_jax.nn.layers import Dense, LayerNorm, adapted
 
 POSITION_SCHEMES = ('relative_key', 'rel_pos', 'none')
+# 'xla': scores materialised [B, H, T, T] (the reference); 'chunked': blockwise online softmax
+# (tpa_jax/nn/chunked_attention.py); 'auto': 'xla' on CPU, 'chunked' on accelerators.
+ATTENTION_IMPLS = ('xla', 'chunked', 'auto')
 _MASKED = -1e30  # scores are float32, so this stays finite and exp() underflows to exactly 0
 
 
@@ -68,15 +73,21 @@ class SelfAttention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, *, position: str = 'relative_key',
                left_max_position: int = 64, right_max_position: int = 8, use_bias: bool = True,
-               eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               impl: str = 'xla', block: int = 128, eps: float = 1e-5, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if position not in POSITION_SCHEMES:
       raise ConfigError(f'model.position={position!r}: accepted values are {POSITION_SCHEMES}')
+    if impl not in ATTENTION_IMPLS:
+      raise ConfigError(f'model.attention_impl={impl!r}: accepted values are {ATTENTION_IMPLS}')
+    if block < 1:
+      raise ConfigError(f'model.attention_block={block}: must be a positive number of frames')
     if dim % num_heads:
       raise ConfigError(f'model.dim={dim} is not divisible by model.num_heads={num_heads}')
     head_dim = dim // num_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.position, self.dtype, self.dim, self.head_dim = position, dtype, dim, head_dim
     self.left_max, self.right_max = left_max_position, right_max_position
+    self.impl, self.block = impl, block
     self.norm = LayerNorm(dim, eps=eps, **kw)
     qkv_axes = ('embed', 'heads', 'kv')
     self.query = Dense(dim, (num_heads, head_dim), axes=qkv_axes, use_bias=use_bias, **kw)
@@ -126,6 +137,31 @@ class SelfAttention(nnx.Module):
     d_tt = jnp.arange(t)[None, :] - jnp.arange(t)[:, None]
     return jnp.take_along_axis(qe_bhtp, column(d_tt)[None, None], axis=-1)
 
+  def _position_table(self, t: int) -> jax.Array | None:
+    """The positional keys per distance j - i over -(t-1)..t-1, [2t-1, H, K] (the chunked
+    implementation's table; row m is distance m - (t-1))."""
+    h = self.query.kernel.shape[1]
+    if self.position == 'relative_key':
+      table_kr = self.distance_table[...].astype(self.dtype).T
+      table_pk = _clip_distances(table_kr, t, self.left_max, self.right_max).T
+      return jnp.broadcast_to(table_pk[:, None, :], (2 * t - 1, h, self.head_dim))
+    if self.position == 'rel_pos':
+      # Row m holds distance i - j = (t-1) - m, i.e. j - i = m - (t-1).
+      pos_pd = sinusoid_table(jnp.arange(t - 1, -t, -1), self.dim).astype(self.dtype)
+      return self.pos_proj(pos_pd)
+    return None
+
+  def resolved_impl(self, t) -> str:
+    """The implementation that runs at length t ('auto' resolved; symbolic lengths use 'xla')."""
+    impl = self.impl
+    if impl == 'auto':
+      impl = 'xla' if jax.default_backend() == 'cpu' else 'chunked'
+    if impl == 'chunked' and not isinstance(t, int):
+      logging.log_first_n(logging.WARNING, 'attention_impl=chunked needs a concrete length; '
+                          'a symbolic length (jax.export) runs the xla attention', 1)
+      impl = 'xla'
+    return impl
+
   def __call__(self, x_btd: jax.Array, mask_bt: jax.Array, lora=None) -> jax.Array:
     """`lora`: the block's LoRA updates (tpa_jax/nn/lora.py), added to their projections."""
     h_btd = self.norm(x_btd)
@@ -137,6 +173,13 @@ class SelfAttention(nnx.Module):
     q_content = q_bthk
     if self.position == 'rel_pos':
       q_content = q_bthk + self.pos_bias_u[...].astype(self.dtype)
+    if self.resolved_impl(x_btd.shape[1]) == 'chunked':
+      q_position = q_bthk
+      if self.position == 'rel_pos':
+        q_position = q_bthk + self.pos_bias_v[...].astype(self.dtype)
+      ctx_bthk = chunked_attention(q_content, q_position, k_bthk, v_bthk, self._position_table,
+                                   mask_bt, block=self.block)
+      return adapted(self.out, ctx_bthk, lora, 'out')
     # Scores accumulate in float32 (and the softmax statistics stay there) in bf16 compute.
     scores_bhts = jnp.einsum('bthk,bshk->bhts', q_content, k_bthk,
                              preferred_element_type=jnp.float32)

@@ -68,6 +68,8 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int) -> SpeechModel:
   make_block = functools.partial(
       ConformerBlock, m.dim, m.num_heads, m.ffn_dim, m.conv_kernel_size, position=m.position,
       left_max_position=m.left_max_position, right_max_position=m.right_max_position,
+      # Configs saved before these fields existed run the reference attention.
+      attention_impl=m.get('attention_impl', 'xla'), attention_block=m.get('attention_block', 128),
       conv_causal=m.conv_causal, conv_norm=m.conv_norm, ffn_bias=m.ffn_bias,
       attention_bias=m.attention_bias, conv_bias=m.conv_bias, activation=m.activation,
       eps=m.norm_eps, **kw)

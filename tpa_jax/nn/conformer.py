@@ -34,7 +34,8 @@ class ConformerBlock(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, ffn_dim: int, conv_kernel_size: int, *,
                position: str = 'relative_key', left_max_position: int = 64,
-               right_max_position: int = 8, conv_causal: bool = False, conv_norm: str = 'layer',
+               right_max_position: int = 8, attention_impl: str = 'xla',
+               attention_block: int = 128, conv_causal: bool = False, conv_norm: str = 'layer',
                ffn_bias: bool = True, attention_bias: bool = True, conv_bias: bool = True,
                activation: str = 'swish', eps: float = 1e-5, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -43,7 +44,8 @@ class ConformerBlock(nnx.Module):
     self.attention = SelfAttention(dim, num_heads, position=position,
                                    left_max_position=left_max_position,
                                    right_max_position=right_max_position,
-                                   use_bias=attention_bias, **kw)
+                                   use_bias=attention_bias, impl=attention_impl,
+                                   block=attention_block, **kw)
     self.conv = ConvModule(dim, conv_kernel_size, causal=conv_causal, norm=conv_norm,
                            use_bias=conv_bias, activation=activation, **kw)
     self.ffn2 = FeedForward(dim, ffn_dim, use_bias=ffn_bias, activation=activation, **kw)

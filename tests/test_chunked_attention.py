@@ -1,0 +1,140 @@
+"""Chunked attention equals the reference (xla) attention, in values and gradients, without the
+[B, H, T, T] scores."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ctc_batch, tiny_config
+from flax import nnx
+from test_train_step import host, make_trainer, update_difference
+
+from tpa_jax.errors import ConfigError
+from tpa_jax.nn.attention import SelfAttention
+from tpa_jax.nn.chunked_attention import block_shift
+
+
+def make_attention(position, impl='xla', block=32, dtype=jnp.float32):
+  with nnx.use_eager_sharding(False):
+    attn = SelfAttention(16, 2, position=position, left_max_position=5, right_max_position=2,
+                         impl=impl, block=block, dtype=dtype, rngs=nnx.Rngs(0))
+  if position == 'rel_pos':  # non-zero u/v so that both bias terms and their gradients count
+    attn.pos_bias_u[...] = jax.random.normal(jax.random.key(1), attn.pos_bias_u.shape)
+    attn.pos_bias_v[...] = jax.random.normal(jax.random.key(2), attn.pos_bias_v.shape)
+  return attn
+
+
+def batch(t, dim=16):
+  """Two examples: one of length t and one of about half, so padding and its mask matter."""
+  x_btd = jax.random.normal(jax.random.key(3), (2, t, dim))
+  lengths = jnp.array([t, max(1, t // 2)])
+  return x_btd, jnp.arange(t)[None] < lengths[:, None]
+
+
+def value_and_grads(attn, impl, x_btd, mask_bt):
+  """Outputs and the gradients w.r.t. every attention weight and the input (hence q, k, v) of a
+  loss that weighs every valid output differently."""
+  attn.impl = impl
+  graphdef, state = nnx.split(attn)
+
+  def loss(state, x):
+    y = nnx.merge(graphdef, state)(x, mask_bt)
+    w = jnp.sin(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
+    return (y.astype(jnp.float32) * w * mask_bt[..., None]).sum(), y
+
+  (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(state, x_btd)
+  return y, grads
+
+
+def relative_error(a_tree, b_tree):
+  """Whole-tree norm of the difference over the norm of the reference: a weight whose exact
+  gradient is 0 (an attention key bias) has only rounding noise, so no per-leaf ratio."""
+  a, b = (np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])
+          for t in (a_tree, b_tree))
+  return np.linalg.norm(a - b) / np.linalg.norm(a)
+
+
+@pytest.mark.parametrize('position', ['relative_key', 'rel_pos', 'none'])
+@pytest.mark.parametrize('t', [1, 7, 129, 300])
+def test_chunked_equals_xla_in_values_and_gradients(position, t):
+  attn = make_attention(position, block=32)  # 129 and 300 are not multiples of the block
+  x_btd, mask_bt = batch(t)
+  y_ref, g_ref = value_and_grads(attn, 'xla', x_btd, mask_bt)
+  y, g = value_and_grads(attn, 'chunked', x_btd, mask_bt)
+  valid = np.asarray(mask_bt)[..., None]
+  assert relative_error(y_ref * valid, y * valid) <= 1e-5
+  assert relative_error(g_ref, g) <= 1e-5
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_ref), jax.tree.leaves(g)):
+    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g_ref))
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize('position', ['relative_key', 'rel_pos'])
+def test_chunked_in_bfloat16_stays_close_to_xla(position):
+  """bf16 compute: both round q, k, v and the probabilities to bf16, in different orders, so
+  they agree to bf16 precision (stated tolerance: 2% of the norm), not bit for bit."""
+  attn = make_attention(position, block=32, dtype=jnp.bfloat16)
+  x_btd, mask_bt = batch(100)
+  y_ref, g_ref = value_and_grads(attn, 'xla', x_btd, mask_bt)
+  y, g = value_and_grads(attn, 'chunked', x_btd, mask_bt)
+  valid = np.asarray(mask_bt)[..., None]
+  assert relative_error(y_ref * valid, y * valid) <= 2e-2
+  assert relative_error(g_ref, g) <= 2e-2
+
+
+def test_padded_frames_do_not_change_valid_outputs():
+  attn = make_attention('rel_pos', impl='chunked', block=16)
+  x_btd, mask_bt = batch(50)
+  noise = jax.random.normal(jax.random.key(9), x_btd.shape) * (~mask_bt)[..., None]
+  valid = np.asarray(mask_bt)[..., None]
+  np.testing.assert_array_equal(np.asarray(attn(x_btd, mask_bt)) * valid,
+                                np.asarray(attn(x_btd + 100 * noise, mask_bt)) * valid)
+
+
+def test_block_shift_reads_each_distance():
+  bq, bk = 3, 5
+  x = np.arange(bq * (bq + bk - 1)).reshape(bq, bq + bk - 1)
+  want = np.array([[x[a, (bq - 1) - a + c] for c in range(bk)] for a in range(bq)])
+  np.testing.assert_array_equal(np.asarray(block_shift(jnp.asarray(x), bk)), want)
+
+
+def test_chunked_gradient_holds_no_time_by_time_buffer():
+  """At a length where B·H·T·T scores would be the largest buffer, the compiled gradient of the
+  chunked attention needs less temporary memory than one such array; xla's needs more."""
+  t = 1024
+  x_btd, mask_bt = batch(t)
+  scores_bytes = 2 * 2 * t * t * 4  # B=2, H=2, float32
+  temp = {}
+  for impl in ('xla', 'chunked'):
+    attn = make_attention('rel_pos', impl=impl, block=32)
+    graphdef, state = nnx.split(attn)
+    grad = jax.jit(jax.grad(lambda s, x: nnx.merge(graphdef, s)(x, mask_bt).sum(), (0, 1)))
+    temp[impl] = grad.lower(state, x_btd).compile().memory_analysis().temp_size_in_bytes
+  assert temp['xla'] > scores_bytes, temp
+  assert temp['chunked'] < scores_bytes, temp
+
+
+def test_a_tpa_step_with_chunked_attention_equals_xla(mesh1):
+  results = {}
+  for impl in ('xla', 'chunked'):
+    # 16 frames after subsampling in blocks of 6: padded to 18 inside the attention.
+    config = tiny_config('tpa', **{'model.attention_impl': impl, 'model.attention_block': 6,
+                                   'model.position': 'rel_pos'})
+    trainer = make_trainer(config, mesh1, frozen_dtype=None, eps=1e-4)
+    before = host(trainer.state.trainable)
+    metrics = jax.tree.map(float, trainer.step(ctc_batch(tiny_config())))
+    results[impl] = metrics['loss'], host(trainer.state.trainable)
+  (loss_ref, params_ref), (loss, params) = results['xla'], results['chunked']
+  assert abs(loss - loss_ref) <= 1e-5 * loss_ref
+  rel, worst, moved = update_difference(before, params_ref, params)
+  assert moved and rel <= 1e-4, (rel, worst)
+
+
+def test_auto_is_xla_on_cpu_and_unknown_implementations_are_named():
+  assert make_attention('rel_pos', impl='auto').resolved_impl(10) == 'xla'
+  with pytest.raises(ConfigError, match=r"attention_impl='flash'.*'xla', 'chunked', 'auto'"):
+    make_attention('rel_pos', impl='flash')
+  with pytest.raises(ConfigError, match='attention_block=0'):
+    make_attention('rel_pos', block=0)
