@@ -5,12 +5,14 @@ Usage (on an accelerator; one JSON line per method):
       --per_device_batch=8 --seconds=30 --peak_tflops=989
   python benchmarks/train_step.py --preset=tiny --seconds=2 --steps=2     # a CPU smoke run
   python benchmarks/train_step.py --methods=tpa --set model.position=none  # an ablation
+  python benchmarks/train_step.py --methods=tpa --attention_impls=xla,chunked
 
 The trainer is the one `launch/train.py` builds (`trainer.from_config`, weights initialised from
 the seed, frozen weights stored in bf16), the batch holds `--per_device_batch` utterances of
 `--seconds` of random int16 audio per device with CTC labels, and log-mel features are computed
 inside the step. `model_flops` counts the matrix products and convolutions of one step without
-rematerialisation (every scanned layer counted); `mfu` is model_flops / step time / (devices x
+rematerialisation (every scanned layer counted) and with the reference attention (`xla`: the
+chunked attention's recomputation and its wider positional blocks are not model FLOPs); `mfu` is model_flops / step time / (devices x
 `--peak_tflops`). Memory: the compiled step's argument and temp bytes per device, and the
 device's peak bytes in use after the timed steps (where the backend reports it).
 """
@@ -58,8 +60,9 @@ def random_batch(config, batch_size: int, seconds: float, seed: int = 0) -> dict
   }
 
 
-def measure(preset: str, method: str, args, mesh) -> dict:
+def measure(preset: str, method: str, attention_impl: str, args, mesh) -> dict:
   overrides = dict(kv.split('=', 1) for kv in args.set)
+  overrides['model.attention_impl'] = attention_impl
   config = method_config(preset, method, overrides)
   batch_size = args.per_device_batch * mesh.size
   batch = random_batch(config, batch_size, args.seconds)
@@ -74,6 +77,7 @@ def measure(preset: str, method: str, args, mesh) -> dict:
   # Model FLOPs: the same step without rematerialisation, counted on its jaxpr.
   plain = method_config(preset, method, overrides)
   plain.model.remat_policy = 'none'
+  plain.model.attention_impl = 'xla'
   shapes = trainer_lib.from_config(plain, mesh, abstract=True)
   with jax.set_mesh(mesh):
     flops = costs.jaxpr_flops(shapes.step_fn, shapes.state, shapes.frozen, shapes.rest,
@@ -87,7 +91,8 @@ def measure(preset: str, method: str, args, mesh) -> dict:
   step_seconds = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
   return {
-      'method': method, 'preset': preset, 'overrides': overrides,
+      'method': method, 'attention_impl': attention_impl, 'preset': preset,
+      'overrides': overrides,
       'backend': jax.default_backend(),
       'device': jax.devices()[0].device_kind, 'devices': mesh.size,
       'batch': f'{batch_size} x {args.seconds:g} s',
@@ -108,6 +113,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--preset', default='600m', choices=sorted(config_lib.MODEL_PRESETS))
   parser.add_argument('--methods', default='full,tpa,tpa_upper_half')
+  parser.add_argument('--attention_impls', default='xla',
+                      help='model.attention_impl values, each measured for every method')
   parser.add_argument('--per_device_batch', type=int, default=8)
   parser.add_argument('--seconds', type=float, default=30.0)
   parser.add_argument('--steps', type=int, default=5, help='timed steps per method')
@@ -118,7 +125,8 @@ def main():
   args = parser.parse_args()
   mesh = sharding.make_mesh(data=1, fsdp=-1)
   for method in args.methods.split(','):
-    print(json.dumps(measure(args.preset, method, args, mesh)), flush=True)
+    for impl in args.attention_impls.split(','):
+      print(json.dumps(measure(args.preset, method, impl, args, mesh)), flush=True)
 
 
 if __name__ == '__main__':
