@@ -2,7 +2,7 @@
 
 Usage (on an accelerator; one JSON line per method):
   python benchmarks/train_step.py --preset=600m --methods=full,tpa,tpa_upper_half \
-      --per_device_batch=8 --seconds=30 --peak_tflops=989
+      --per_device_batch=8 --seconds=30
   python benchmarks/train_step.py --preset=tiny --seconds=2 --steps=2     # a CPU smoke run
   python benchmarks/train_step.py --methods=tpa --set model.position=none  # an ablation
   python benchmarks/train_step.py --methods=tpa --attention_impls=xla,chunked
@@ -13,7 +13,8 @@ the seed, frozen weights stored in bf16), the batch holds `--per_device_batch` u
 inside the step. `model_flops` counts the matrix products and convolutions of one step without
 rematerialisation (every scanned layer counted) and with the reference attention (`xla`: the
 chunked attention's recomputation and its wider positional blocks are not model FLOPs); `mfu` is model_flops / step time / (devices x
-`--peak_tflops`). Memory: the compiled step's argument and temp bytes per device, and the
+the device's dense bf16 peak: H100 / H200 SXM 989 TFLOP/s, TPU v5e 197, v5p 459; `--peak_tflops`
+for another). Memory: the compiled step's argument and temp bytes per device, and the
 device's peak bytes in use after the timed steps (where the backend reports it).
 """
 
@@ -30,6 +31,18 @@ from tpa_jax import sharding
 from tpa_jax.plan import costs, planner
 from tpa_jax.train import partition
 from tpa_jax.train import trainer as trainer_lib
+
+
+# Dense bf16 peak of one device, TFLOP/s, by a word of its device kind (SXM parts for NVIDIA).
+PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'v5 lite': 197.0, 'v5e': 197.0, 'v5p': 459.0}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """The table's peak for a device kind ('NVIDIA H200', 'TPU v5 lite'), None where unknown."""
+  for word, peak in PEAK_TFLOPS.items():
+    if word.lower() in device_kind.lower():
+      return peak
+  return None
 
 
 def method_config(preset: str, method: str, overrides: dict[str, str]):
@@ -89,6 +102,7 @@ def measure(preset: str, method: str, attention_impl: str, args, mesh) -> dict:
     jax.block_until_ready(trainer.step(global_batch))
     times.append(time.perf_counter() - start)
   step_seconds = statistics.median(times)
+  peak = args.peak_tflops or peak_tflops(jax.devices()[0].device_kind)
   stats = jax.devices()[0].memory_stats() or {}
   return {
       'method': method, 'attention_impl': attention_impl, 'preset': preset,
@@ -102,7 +116,9 @@ def measure(preset: str, method: str, attention_impl: str, args, mesh) -> dict:
       'build_seconds': round(build_seconds, 2), 'compile_seconds': round(compile_seconds, 2),
       'step_seconds_median': step_seconds, 'step_seconds': [round(t, 4) for t in times],
       'model_flops': flops,
-      'mfu': flops / step_seconds / (mesh.size * args.peak_tflops * 1e12),
+      'audio_seconds_per_second': batch_size * args.seconds / step_seconds,
+      'peak_tflops': peak,
+      'mfu': flops / step_seconds / (mesh.size * peak * 1e12) if peak else None,
       'argument_bytes': int(memory.argument_size_in_bytes),
       'temp_bytes': int(memory.temp_size_in_bytes),
       'peak_bytes_in_use': stats.get('peak_bytes_in_use'),
@@ -120,8 +136,8 @@ def main():
   parser.add_argument('--steps', type=int, default=5, help='timed steps per method')
   parser.add_argument('--set', action='append', default=[],
                       help='a config override, e.g. --set model.position=none (repeatable)')
-  parser.add_argument('--peak_tflops', type=float, default=989.0,
-                      help='dense bf16 TFLOP/s of one device (H100/H200 SXM: 989)')
+  parser.add_argument('--peak_tflops', type=float, default=0.0,
+                      help='dense bf16 TFLOP/s of one device; 0: from PEAK_TFLOPS by device kind')
   args = parser.parse_args()
   mesh = sharding.make_mesh(data=1, fsdp=-1)
   for method in args.methods.split(','):

@@ -159,6 +159,7 @@ RUN_FIRST = (
     'test_the_top_k_and_bottleneck_curves',
     'test_the_ssl_study_adapts_the_written_base_and_a_random_one_under_their_fingerprints',
     'test_step_cost_benchmark_prints_every_field',
+    'test_accelerator_script_measures_every_part_at_the_tiny_preset',
     'test_a_failed_cell_is_recorded_and_the_study_goes_on',
 )
 

@@ -43,7 +43,7 @@ def value_and_grads(attn, impl, x_btd, mask_bt):
     w = jnp.sin(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
     return (y.astype(jnp.float32) * w * mask_bt[..., None]).sum(), y
 
-  (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(state, x_btd)
+  (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, x_btd)
   return y, grads
 
 

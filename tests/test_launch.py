@@ -182,3 +182,29 @@ def test_step_cost_benchmark_prints_every_field():
   upper = rows[1]
   assert upper['trainable_params'] < upper['total_params']
   assert upper['flops_ratio_vs_full'] < 1 and upper['weight_state_ratio_vs_full'] < 1
+
+
+def test_accelerator_script_measures_every_part_at_the_tiny_preset(tmp_path):
+  """The device script's code path on CPU: every method x implementation of the train step, the
+  attention alone against xla, and serving, all in its JSON lines and in $OUT."""
+  env = dict(os.environ, OUT=str(tmp_path), XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run([sys.executable, 'benchmarks/accelerator.py', '--preset=tiny'],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(line) for line in result.stdout.splitlines()]
+  assert rows == [json.loads(line) for line in (tmp_path / 'accelerator.jsonl').open()]
+  assert not [r for r in rows if 'error' in r]
+  steps = {(r['method'], r['attention_impl']): r for r in rows if 'step_seconds_median' in r}
+  assert set(steps) == {(m, i) for m in ('tpa', 'full', 'tpa_upper_half')
+                        for i in ('xla', 'chunked')}
+  for row in steps.values():
+    assert row['model_flops'] > 0 and row['audio_seconds_per_second'] > 0
+    assert row['peak_tflops'] is None and row['mfu'] is None  # no bf16 peak is known for a CPU
+  # One model-FLOP count per method, whichever attention runs.
+  assert steps['tpa', 'xla']['model_flops'] == steps['tpa', 'chunked']['model_flops']
+  assert steps['tpa_upper_half', 'xla']['model_flops'] < steps['tpa', 'xla']['model_flops']
+  chunked = [r for r in rows if r.get('benchmark') == 'attention' and
+             r['attention_impl'] == 'chunked']
+  assert chunked and chunked[0]['output_max_rel_diff'] < 2e-2
+  assert chunked[0]['input_grad_max_rel_diff'] < 2e-2
+  assert {'mixed_vs_single', 'shared_prefix_vs_separate'} <= {r.get('metric') for r in rows}
