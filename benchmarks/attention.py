@@ -62,7 +62,8 @@ def measure(args, impl: str, x_btd, mask_bt, reference=None) -> tuple[dict, tupl
   (_, dx), y = result
   outputs = (np.asarray(y, np.float32), np.asarray(dx, np.float32))
   line = {
-      'benchmark': 'attention', 'attention_impl': impl, 'preset': args.preset,
+      'benchmark': 'attention', 'attention_impl': impl, 'attention_ran': attn.resolved_impl(1),
+      'preset': args.preset,
       'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
       'shape': f'{args.batch} x {args.frames} frames', 'dtype': args.dtype,
       'block': args.block, 'seconds_median': statistics.median(times),

@@ -28,6 +28,7 @@ import numpy as np
 
 from tpa_jax import config as config_lib
 from tpa_jax import sharding
+from tpa_jax.nn import attention
 from tpa_jax.plan import costs, planner
 from tpa_jax.train import partition
 from tpa_jax.train import trainer as trainer_lib
@@ -105,7 +106,12 @@ def measure(preset: str, method: str, attention_impl: str, args, mesh) -> dict:
   peak = args.peak_tflops or peak_tflops(jax.devices()[0].device_kind)
   stats = jax.devices()[0].memory_stats() or {}
   return {
-      'method': method, 'attention_impl': attention_impl, 'preset': preset,
+      'method': method, 'attention_impl': attention_impl,
+      # What ran: 'auto' resolved, an unsupported 'cudnn' replaced by its fallback.
+      'attention_ran': attention.resolve_impl(attention_impl, dtype=config.model.dtype,
+                                              head_dim=config.model.dim // config.model.num_heads,
+                                              t=1),
+      'preset': preset,
       'overrides': overrides,
       'backend': jax.default_backend(),
       'device': jax.devices()[0].device_kind, 'devices': mesh.size,

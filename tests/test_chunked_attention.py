@@ -11,7 +11,7 @@ from flax import nnx
 from test_train_step import host, make_trainer, update_difference
 
 from tpa_jax.errors import ConfigError
-from tpa_jax.nn.attention import SelfAttention
+from tpa_jax.nn.attention import SelfAttention, cudnn_unsupported
 from tpa_jax.nn.chunked_attention import block_shift
 
 
@@ -134,7 +134,20 @@ def test_a_tpa_step_with_chunked_attention_equals_xla(mesh1):
 
 def test_auto_is_xla_on_cpu_and_unknown_implementations_are_named():
   assert make_attention('rel_pos', impl='auto').resolved_impl(10) == 'xla'
-  with pytest.raises(ConfigError, match=r"attention_impl='flash'.*'xla', 'chunked', 'auto'"):
+  with pytest.raises(ConfigError,
+                     match=r"attention_impl='flash'.*'xla', 'chunked', 'cudnn', 'auto'"):
     make_attention('rel_pos', impl='flash')
   with pytest.raises(ConfigError, match='attention_block=0'):
     make_attention('rel_pos', block=0)
+
+
+def test_cudnn_where_unsupported_runs_the_auto_choice_and_says_why():
+  """On CPU cuDNN's attention cannot run: the module runs 'auto''s choice (xla) and names the
+  reason, never computing something else silently."""
+  attn = make_attention('rel_pos', impl='cudnn')
+  assert attn.resolved_impl(10) == 'xla'
+  assert 'needs an NVIDIA GPU (the backend is cpu)' in cudnn_unsupported(dtype=jnp.bfloat16, head_dim=8, t=10)
+  x_btd, mask_bt = batch(20)
+  got = attn(x_btd, mask_bt)
+  attn.impl = 'xla'
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(attn(x_btd, mask_bt)))

@@ -196,7 +196,10 @@ def test_accelerator_script_measures_every_part_at_the_tiny_preset(tmp_path):
   assert not [r for r in rows if 'error' in r]
   steps = {(r['method'], r['attention_impl']): r for r in rows if 'step_seconds_median' in r}
   assert set(steps) == {(m, i) for m in ('tpa', 'full', 'tpa_upper_half')
-                        for i in ('xla', 'chunked')}
+                        for i in ('xla', 'chunked', 'cudnn')}
+  # cuDNN cannot run on a CPU: the line says what ran in its place.
+  assert {r['attention_ran'] for (_, i), r in steps.items() if i == 'cudnn'} == {'xla'}
+  assert {r['attention_ran'] for (_, i), r in steps.items() if i == 'chunked'} == {'chunked'}
   for row in steps.values():
     assert row['model_flops'] > 0 and row['audio_seconds_per_second'] > 0
     assert row['peak_tflops'] is None and row['mfu'] is None  # no bf16 peak is known for a CPU

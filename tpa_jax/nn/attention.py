@@ -17,8 +17,10 @@ from tpa_jax.nn.layers import Dense, LayerNorm, adapted
 
 POSITION_SCHEMES = ('relative_key', 'rel_pos', 'none')
 # 'xla': scores materialised [B, H, T, T] (the reference); 'chunked': blockwise online softmax
-# (tpa_jax/nn/chunked_attention.py); 'auto': 'xla' on CPU, 'chunked' on accelerators.
-ATTENTION_IMPLS = ('xla', 'chunked', 'auto')
+# (tpa_jax/nn/chunked_attention.py); 'cudnn': cuDNN's fused attention with the positional term as
+# a bias (NVIDIA GPUs, bf16/f16); 'auto': 'xla' on CPU, 'chunked' on accelerators.
+ATTENTION_IMPLS = ('xla', 'chunked', 'cudnn', 'auto')
+_CUDNN_LENGTH_MULTIPLE = 64  # cuDNN's fused kernels want the sequence padded to a multiple of 64
 _MASKED = -1e30  # scores are float32, so this stays finite and exp() underflows to exactly 0
 
 
@@ -60,6 +62,36 @@ def _clip_distances(x_btr: jax.Array, t: int, left: int, right: int) -> jax.Arra
   if hi > right:  # distances above `right` read its row
     parts.append(jnp.broadcast_to(x_btr[..., -1:], x_btr.shape[:-1] + (hi - right,)))
   return jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
+def cudnn_unsupported(*, dtype, head_dim: int, t) -> str | None:
+  """Why cuDNN's fused attention cannot run at this dtype, head dim and length t, or None."""
+  if jax.default_backend() != 'gpu':
+    return f'needs an NVIDIA GPU (the backend is {jax.default_backend()})'
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f'needs bfloat16 or float16 compute (model.dtype is {jnp.dtype(dtype).name})'
+  if head_dim > 128 or head_dim % 8:
+    return f'needs a head dim that is a multiple of 8 up to 128 (it is {head_dim})'
+  if not isinstance(t, int):
+    return 'needs a concrete length (a symbolic one comes from jax.export)'
+  return None
+
+
+def resolve_impl(impl: str, *, dtype, head_dim: int, t) -> str:
+  """The attention implementation that runs: 'auto' is 'xla' on CPU and 'chunked' elsewhere;
+  'cudnn' where unsupported runs 'auto''s choice, and a symbolic length (jax.export) 'xla',
+  each with a logged reason."""
+  auto = 'xla' if jax.default_backend() == 'cpu' else 'chunked'
+  if impl == 'auto':
+    impl = auto
+  if impl == 'cudnn' and (reason := cudnn_unsupported(dtype=dtype, head_dim=head_dim, t=t)):
+    logging.log_first_n(logging.WARNING, 'attention_impl=cudnn %s: running %s', 1, reason, auto)
+    impl = auto
+  if impl == 'chunked' and not isinstance(t, int):
+    logging.log_first_n(logging.WARNING, 'attention_impl=chunked needs a concrete length; '
+                        'a symbolic length (jax.export) runs the xla attention', 1)
+    impl = 'xla'
+  return impl
 
 
 class SelfAttention(nnx.Module):
@@ -152,15 +184,23 @@ class SelfAttention(nnx.Module):
     return None
 
   def resolved_impl(self, t) -> str:
-    """The implementation that runs at length t ('auto' resolved; symbolic lengths use 'xla')."""
-    impl = self.impl
-    if impl == 'auto':
-      impl = 'xla' if jax.default_backend() == 'cpu' else 'chunked'
-    if impl == 'chunked' and not isinstance(t, int):
-      logging.log_first_n(logging.WARNING, 'attention_impl=chunked needs a concrete length; '
-                          'a symbolic length (jax.export) runs the xla attention', 1)
-      impl = 'xla'
-    return impl
+    """The implementation that runs at length t (see `resolve_impl`)."""
+    return resolve_impl(self.impl, dtype=self.dtype, head_dim=self.head_dim, t=t)
+
+  def _cudnn(self, q_content, q_bthk, k_bthk, v_bthk, mask_bt):
+    """cuDNN fused attention, the positional term a bias in the compute dtype; T padded to a
+    multiple of 64 and the keys limited by each example's length (padding is at the end)."""
+    t = q_bthk.shape[1]
+    tp = -(-t // _CUDNN_LENGTH_MULTIPLE) * _CUDNN_LENGTH_MULTIPLE
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))  # noqa: E731
+    scale = 1.0 / math.sqrt(self.head_dim)
+    pos_bhts = self._position_scores(pad(q_bthk), tp)
+    bias = None if pos_bhts is None else (pos_bhts * scale).astype(self.dtype)
+    lengths_b = mask_bt.astype(jnp.int32).sum(-1)
+    ctx = jax.nn.dot_product_attention(pad(q_content), pad(k_bthk), pad(v_bthk), bias=bias,
+                                       scale=scale, key_value_seq_lengths=lengths_b,
+                                       implementation='cudnn')
+    return ctx[:, :t]
 
   def __call__(self, x_btd: jax.Array, mask_bt: jax.Array, lora=None) -> jax.Array:
     """`lora`: the block's LoRA updates (tpa_jax/nn/lora.py), added to their projections."""
@@ -173,7 +213,10 @@ class SelfAttention(nnx.Module):
     q_content = q_bthk
     if self.position == 'rel_pos':
       q_content = q_bthk + self.pos_bias_u[...].astype(self.dtype)
-    if self.resolved_impl(x_btd.shape[1]) == 'chunked':
+    impl = self.resolved_impl(x_btd.shape[1])
+    if impl == 'cudnn':
+      return adapted(self.out, self._cudnn(q_content, q_bthk, k_bthk, v_bthk, mask_bt), lora, 'out')
+    if impl == 'chunked':
       q_position = q_bthk
       if self.position == 'rel_pos':
         q_position = q_bthk + self.pos_bias_v[...].astype(self.dtype)
