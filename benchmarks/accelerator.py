@@ -71,7 +71,7 @@ def run_part(script: str, args: list[str], timeout_s: float, emit) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--preset', default='device', choices=sorted(PLANS))
-  parser.add_argument('--impls', default='xla,chunked,cudnn',
+  parser.add_argument('--impls', default='xla,chunked,cudnn,pallas',
                       help='attention implementations to measure (xla first: the reference)')
   parser.add_argument('--budget_s', type=float, default=480.0, help='the whole run at most')
   args = parser.parse_args()

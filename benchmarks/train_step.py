@@ -6,6 +6,8 @@ Usage (on an accelerator; one JSON line per method):
   python benchmarks/train_step.py --preset=tiny --seconds=2 --steps=2     # a CPU smoke run
   python benchmarks/train_step.py --methods=tpa --set model.position=none  # an ablation
   python benchmarks/train_step.py --methods=tpa --attention_impls=xla,chunked
+  (an implementation that falls back to one already measured, cudnn on CPU say, prints a line
+  naming it, `same_as`, instead of measuring it again)
 
 The trainer is the one `launch/train.py` builds (`trainer.from_config`, weights initialised from
 the seed, frozen weights stored in bf16), the batch holds `--per_device_batch` utterances of
@@ -74,10 +76,21 @@ def random_batch(config, batch_size: int, seconds: float, seed: int = 0) -> dict
   }
 
 
-def measure(preset: str, method: str, attention_impl: str, args, mesh) -> dict:
+def attention_ran(config) -> str:
+  """The attention implementation that runs: 'auto' resolved, an unsupported one replaced by
+  its fallback."""
+  return attention.resolve_impl(config.model.attention_impl, dtype=config.model.dtype,
+                                head_dim=config.model.dim // config.model.num_heads, t=1)
+
+
+def impl_config(preset: str, method: str, attention_impl: str, args):
   overrides = dict(kv.split('=', 1) for kv in args.set)
   overrides['model.attention_impl'] = attention_impl
-  config = method_config(preset, method, overrides)
+  return method_config(preset, method, overrides), overrides
+
+
+def measure(preset: str, method: str, attention_impl: str, args, mesh) -> dict:
+  config, overrides = impl_config(preset, method, attention_impl, args)
   batch_size = args.per_device_batch * mesh.size
   batch = random_batch(config, batch_size, args.seconds)
   start = time.perf_counter()
@@ -108,9 +121,7 @@ def measure(preset: str, method: str, attention_impl: str, args, mesh) -> dict:
   return {
       'method': method, 'attention_impl': attention_impl,
       # What ran: 'auto' resolved, an unsupported 'cudnn' replaced by its fallback.
-      'attention_ran': attention.resolve_impl(attention_impl, dtype=config.model.dtype,
-                                              head_dim=config.model.dim // config.model.num_heads,
-                                              t=1),
+      'attention_ran': attention_ran(config),
       'preset': preset,
       'overrides': overrides,
       'backend': jax.default_backend(),
@@ -147,7 +158,14 @@ def main():
   args = parser.parse_args()
   mesh = sharding.make_mesh(data=1, fsdp=-1)
   for method in args.methods.split(','):
+    measured = {}  # implementation that ran -> the first attention_impl that ran it
     for impl in args.attention_impls.split(','):
+      ran = attention_ran(impl_config(args.preset, method, impl, args)[0])
+      if ran in measured:  # a fallback to one already measured: device time is not spent twice
+        print(json.dumps({'method': method, 'attention_impl': impl, 'attention_ran': ran,
+                          'same_as': measured[ran]}), flush=True)
+        continue
+      measured[ran] = impl
       print(json.dumps(measure(args.preset, method, impl, args, mesh)), flush=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -14,12 +15,15 @@ from tpa_jax import sharding
 from tpa_jax.errors import ConfigError
 from tpa_jax.nn.chunked_attention import chunked_attention
 from tpa_jax.nn.layers import Dense, LayerNorm, adapted
+from tpa_jax.nn.pallas_attention import pallas_attention
 
 POSITION_SCHEMES = ('relative_key', 'rel_pos', 'none')
 # 'xla': scores materialised [B, H, T, T] (the reference); 'chunked': blockwise online softmax
 # (tpa_jax/nn/chunked_attention.py); 'cudnn': cuDNN's fused attention with the positional term as
-# a bias (NVIDIA GPUs, bf16/f16); 'auto': 'xla' on CPU, 'chunked' on accelerators.
-ATTENTION_IMPLS = ('xla', 'chunked', 'cudnn', 'auto')
+# a bias (NVIDIA GPUs, bf16/f16); 'pallas': the chunked algorithm as Pallas kernels
+# (tpa_jax/nn/pallas_attention.py: Mosaic on a TPU, interpreted on CPU, chunked on a GPU);
+# 'auto': 'xla' on CPU, 'chunked' on accelerators.
+ATTENTION_IMPLS = ('xla', 'chunked', 'cudnn', 'pallas', 'auto')
 _CUDNN_LENGTH_MULTIPLE = 64  # cuDNN's fused kernels want the sequence padded to a multiple of 64
 _MASKED = -1e30  # scores are float32, so this stays finite and exp() underflows to exactly 0
 
@@ -77,19 +81,33 @@ def cudnn_unsupported(*, dtype, head_dim: int, t) -> str | None:
   return None
 
 
+def pallas_unsupported() -> str | None:
+  """Why the Pallas kernels cannot run on this backend, or None (interpreted on CPU)."""
+  if jax.default_backend() == 'gpu':
+    return ('has no Triton lowering (its per-row rotations are TPU operations, and its table '
+            'gradient needs the grid to run in order)')
+  return None
+
+
 def resolve_impl(impl: str, *, dtype, head_dim: int, t) -> str:
   """The attention implementation that runs: 'auto' is 'xla' on CPU and 'chunked' elsewhere;
-  'cudnn' where unsupported runs 'auto''s choice, and a symbolic length (jax.export) 'xla',
-  each with a logged reason."""
+  'cudnn' or 'pallas' where unsupported run 'auto''s choice, and the blockwise ones at a symbolic
+  length (jax.export) 'xla', each with a logged reason."""
   auto = 'xla' if jax.default_backend() == 'cpu' else 'chunked'
   if impl == 'auto':
     impl = auto
   if impl == 'cudnn' and (reason := cudnn_unsupported(dtype=dtype, head_dim=head_dim, t=t)):
     logging.log_first_n(logging.WARNING, 'attention_impl=cudnn %s: running %s', 1, reason, auto)
     impl = auto
-  if impl == 'chunked' and not isinstance(t, int):
-    logging.log_first_n(logging.WARNING, 'attention_impl=chunked needs a concrete length; '
-                        'a symbolic length (jax.export) runs the xla attention', 1)
+  if impl == 'pallas' and (reason := pallas_unsupported()):
+    logging.log_first_n(logging.WARNING, 'attention_impl=pallas %s: running %s', 1, reason, auto)
+    impl = auto
+  if impl == 'pallas' and jax.default_backend() == 'cpu':
+    logging.log_first_n(logging.WARNING, 'attention_impl=pallas on CPU: the kernels run in '
+                        'interpret mode (exact, slow: for tests)', 1)
+  if impl in ('chunked', 'pallas') and not isinstance(t, int):
+    logging.log_first_n(logging.WARNING, 'attention_impl=%s needs a concrete length; a symbolic '
+                        'length (jax.export) runs the xla attention', 1, impl)
     impl = 'xla'
   return impl
 
@@ -216,12 +234,14 @@ class SelfAttention(nnx.Module):
     impl = self.resolved_impl(x_btd.shape[1])
     if impl == 'cudnn':
       return adapted(self.out, self._cudnn(q_content, q_bthk, k_bthk, v_bthk, mask_bt), lora, 'out')
-    if impl == 'chunked':
+    if impl in ('chunked', 'pallas'):
       q_position = q_bthk
       if self.position == 'rel_pos':
         q_position = q_bthk + self.pos_bias_v[...].astype(self.dtype)
-      ctx_bthk = chunked_attention(q_content, q_position, k_bthk, v_bthk, self._position_table,
-                                   mask_bt, block=self.block)
+      blockwise = chunked_attention if impl == 'chunked' else functools.partial(
+          pallas_attention, interpret=jax.default_backend() == 'cpu')
+      ctx_bthk = blockwise(q_content, q_position, k_bthk, v_bthk, self._position_table, mask_bt,
+                           block=self.block)
       return adapted(self.out, ctx_bthk, lora, 'out')
     # Scores accumulate in float32 (and the softmax statistics stay there) in bf16 compute.
     scores_bhts = jnp.einsum('bthk,bshk->bhts', q_content, k_bthk,
