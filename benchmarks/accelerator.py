@@ -7,7 +7,8 @@ Usage:
 Runs, in priority order, each as its own process (an out-of-memory or a kernel that fails to
 lower ends that part with an `error` line, not the run) with the time left to it:
   1. benchmarks/train_step.py at the preset's model (600m) for tpa, full and tpa_upper_half, each
-     with every attention implementation of --impls (bf16, 8 x 30 s of audio per device);
+     with every attention implementation of --impls (bf16, 8 x 30 s of audio per device), and,
+     where OUT is set, a jax.profiler trace of one TPA step per implementation in $OUT/trace;
   2. benchmarks/attention.py: the attention alone, forward + backward, at T = 1,500 frames;
   3. benchmarks/serving.py on the device (mixed-task batches, shared prefix, the server).
 Every JSON line the parts print is printed here and written to $OUT/accelerator.jsonl when OUT is
@@ -26,19 +27,21 @@ import sys
 import time
 
 # (script, arguments, seconds it may take at most), per preset.
+# `trace`: the train step's profiler argument for the TPA part ([] where OUT is not set).
 PLANS = {
-    'device': lambda impls: [
+    'device': lambda impls, trace: [
         *[('train_step.py', ['--preset=600m', f'--methods={m}', f'--attention_impls={impls}',
-                             '--per_device_batch=8', '--seconds=30', '--steps=5'], 150)
+                             '--per_device_batch=8', '--seconds=30', '--steps=5',
+                             *(trace if m == 'tpa' else [])], 150)
           for m in ('tpa', 'full', 'tpa_upper_half')],
         ('attention.py', ['--preset=600m', '--frames=1500', '--batch=8', f'--impls={impls}'], 60),
         ('serving.py', ['--model=demo', '--repeats=3'], 120),
     ],
     # One process for the three methods: the smoke run's time is mostly process start-up.
-    'tiny': lambda impls: [
+    'tiny': lambda impls, trace: [
         ('train_step.py', ['--preset=tiny', '--methods=tpa,full,tpa_upper_half',
                            f'--attention_impls={impls}', '--per_device_batch=1', '--seconds=2',
-                           '--steps=1'], 180),
+                           '--steps=1', *trace], 180),
         ('attention.py', ['--preset=tiny', '--frames=100', '--batch=2', f'--impls={impls}',
                           '--block=32', '--steps=1'], 60),
         ('serving.py', ['--model=tiny', '--requests=1', '--repeats=1', '--no_server'], 240),
@@ -86,7 +89,8 @@ def main():
         f.write(line + '\n')
 
   deadline = time.perf_counter() + args.budget_s
-  for script, part_args, limit_s in PLANS[args.preset](args.impls):
+  trace = [f'--trace_dir={os.path.join(out_dir, "trace")}'] if out_dir else []
+  for script, part_args, limit_s in PLANS[args.preset](args.impls, trace):
     left = deadline - time.perf_counter()
     if left < 10:
       emit({'part': script, 'args': part_args, 'error': 'skipped: the run budget is spent'})

@@ -22,6 +22,7 @@ device's peak bytes in use after the timed steps (where the backend reports it).
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -116,6 +117,9 @@ def measure(preset: str, method: str, attention_impl: str, args, mesh) -> dict:
     jax.block_until_ready(trainer.step(global_batch))
     times.append(time.perf_counter() - start)
   step_seconds = statistics.median(times)
+  if args.trace_dir:  # one more step under the profiler, after the timed ones
+    with jax.profiler.trace(os.path.join(args.trace_dir, f'{method}-{attention_impl}')):
+      jax.block_until_ready(trainer.step(global_batch))
   peak = args.peak_tflops or peak_tflops(jax.devices()[0].device_kind)
   stats = jax.devices()[0].memory_stats() or {}
   return {
@@ -153,6 +157,9 @@ def main():
   parser.add_argument('--steps', type=int, default=5, help='timed steps per method')
   parser.add_argument('--set', action='append', default=[],
                       help='a config override, e.g. --set model.position=none (repeatable)')
+  parser.add_argument('--trace_dir', default='',
+                      help='write a jax.profiler trace of one step per method and implementation '
+                           'under this folder (METHOD-IMPL/, for TensorBoard or Perfetto)')
   parser.add_argument('--peak_tflops', type=float, default=0.0,
                       help='dense bf16 TFLOP/s of one device; 0: from PEAK_TFLOPS by device kind')
   args = parser.parse_args()

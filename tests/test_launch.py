@@ -184,6 +184,25 @@ def test_step_cost_benchmark_prints_every_field():
   assert upper['flops_ratio_vs_full'] < 1 and upper['weight_state_ratio_vs_full'] < 1
 
 
+def test_step_profile_charges_every_equation_to_the_code_that_made_it():
+  groups = {}
+  for impl in ('xla', 'chunked'):
+    result = run('benchmarks/step_profile.py', '--preset=tiny', '--seconds=2',
+                 '--per_device_batch=1', '--top=100', f'--attention_impl={impl}', timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    *rows, total = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == total['groups']  # --top=100 prints every group
+    # The groups add up to the whole step as the planner counts it: nothing lost or twice.
+    assert sum(r['flops'] for r in rows) == total['flops'] == total['flops_counted_whole']
+    groups[impl] = {r['group']: r for r in rows}
+  xla, chunked = groups['xla'], groups['chunked']
+  assert xla['nn/conformer.py:ConformerBlock._ffn']['flops'] > 0  # Dense charged to its caller
+  assert not [g for g in xla if g.startswith(('nn/layers.py', 'sharding.py'))]
+  assert xla['nn/attention.py:relative_shift']['bytes'] > 0  # the [B, H, T, T] shift
+  assert 'nn/attention.py:relative_shift' not in chunked
+  assert chunked['nn/chunked_attention.py:chunked_attention']['flops'] > 0
+
+
 def test_accelerator_script_measures_every_part_at_the_tiny_preset(tmp_path):
   """The device script's code path on CPU: every method x implementation of the train step, the
   attention alone against xla, and serving, all in its JSON lines and in $OUT."""
@@ -215,3 +234,7 @@ def test_accelerator_script_measures_every_part_at_the_tiny_preset(tmp_path):
     assert alone and alone[0]['output_max_rel_diff'] < 2e-2, impl
     assert alone[0]['input_grad_max_rel_diff'] < 2e-2, impl
   assert {'mixed_vs_single', 'shared_prefix_vs_separate'} <= {r.get('metric') for r in rows}
+  # One profiler trace per method and implementation measured, for the device's own profile.
+  traced = {p.relative_to(tmp_path / 'trace').parts[0]
+            for p in (tmp_path / 'trace').rglob('*.xplane.pb')}
+  assert traced == {f'{m}-{i}' for m, i in steps}
