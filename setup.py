@@ -28,6 +28,8 @@ EXTRAS_REQUIRE = {
         'wordfreq==3.1.1',
         'jiwer==4.0.0',
         'scipy',
+        'soundfile==0.13.1',  # manifest datasets: WAV, FLAC, OGG/Vorbis/Opus, MP3 (libsndfile)
+        'soxr==1.0.0',  # their resampling to 16 kHz
         'matplotlib',
         'importlib_resources',  # TFDS builders defined outside tensorflow_datasets
     ],

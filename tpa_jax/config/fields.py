@@ -219,12 +219,16 @@ def data_fields() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   # 'random' (random features, the synthetic task of tpa_jax/random_task.py),
   # 'synthetic_speech/<domain>' (the embedded eSpeak NG corpus: source, target_lang,
-  # target_acoustic, lang_id) or 'librispeech' (TFDS's builder; prepare it beforehand).
+  # target_acoustic, lang_id), 'librispeech' (TFDS's builder; prepare it beforehand) or
+  # 'manifest:DIR' (NeMo manifests DIR/{train,validation,test}.jsonl: tpa_jax/data/manifest.py).
   d.name = 'random'
   # TFDS data directory ('' : <workdir>/data).
   d.data_dir = ''
   # A JSON file of synthetic corpus domains ('' : tpa_jax/data/speech_domains.json).
   d.domains_file = ''
+  # Text normalisation of transcripts (training text, references, decoder word counts alike):
+  # 'none', 'lower', 'lower_no_punctuation'.
+  d.text_normalization = 'none'
   # Splits to train and to evaluate on.
   d.train_split = 'train'
   d.eval_split = 'test'

@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 from tpa_jax.data import pipeline
 from tpa_jax.data import tokenizer as tokenizer_lib
 
-FAMILIES = ('synthetic_speech', 'librispeech')
+FAMILIES = ('synthetic_speech', 'librispeech', 'manifest')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,16 +44,40 @@ class DatasetSpec:
 SPECS = {
     'synthetic_speech': DatasetSpec('audio', 'transcript', 'language', lowercase=False),
     'librispeech': DatasetSpec('speech', 'text', None, lowercase=True),
+    'manifest': DatasetSpec('audio', 'transcript', 'label', lowercase=False),
 }
+# data.text_normalization: applied alike to training text, references and decoder word counts.
+TEXT_NORMALIZATIONS = ('none', 'lower', 'lower_no_punctuation')
+
+
+def family(name: str) -> str:
+  """'synthetic_speech', 'librispeech' or 'manifest' (of 'manifest:DIR')."""
+  return 'manifest' if name.startswith('manifest:') else name.partition('/')[0]
+
+
+def normalize_text(text: str, how: str) -> str:
+  if how == 'none':
+    return text
+  text = text.lower()
+  if how == 'lower_no_punctuation':
+    # Letters, digits, apostrophes inside words and spaces survive; the rest is a space.
+    kept = ''.join(c if c.isalnum() or c in " '" else ' ' for c in text)
+    text = ' '.join(w.strip("'") for w in kept.split() if w.strip("'"))
+  return ' '.join(text.split())
 
 
 def _text(value) -> str:
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
-def open_builder(name: str, data_dir: str, domains_file: str = '') -> tfds.core.DatasetBuilder:
-  """The TFDS builder `name` ('synthetic_speech/<domain>' or 'librispeech[/config]'), writing
-  array_record files under `data_dir`."""
+def open_builder(name: str, data_dir: str, domains_file: str = '', *,
+                 max_seconds: float = 16.0) -> tfds.core.DatasetBuilder:
+  """The TFDS builder `name` ('synthetic_speech/<domain>', 'librispeech[/config]' or
+  'manifest:DIR'), writing array_record files under `data_dir`. `max_seconds`: the longest
+  bucket (a manifest's longer lines are rejected when it is prepared)."""
+  if name.startswith('manifest:'):
+    from tpa_jax.data import manifest  # pylint: disable=import-outside-toplevel  (soundfile)
+    return manifest.open_builder(name, data_dir, max_seconds)
   family, _, config_name = name.partition('/')
   if family == 'synthetic_speech':
     # Imported here: the corpus module needs the `speech` extra (eSpeak NG, wordfreq).
@@ -68,7 +92,7 @@ def open_builder(name: str, data_dir: str, domains_file: str = '') -> tfds.core.
   if family == 'librispeech':
     return tfds.builder(name, data_dir=data_dir, file_format='array_record')
   raise ValueError(f"data.name={name!r}: accepted values are 'random', "
-                   "'synthetic_speech/<domain>' or 'librispeech[/<config>]'")
+                   "'synthetic_speech/<domain>', 'librispeech[/<config>]' or 'manifest:DIR'")
 
 
 @dataclasses.dataclass
@@ -83,6 +107,7 @@ class SpeechData:
   num_threads: int
   index_dir: str
   frames: Callable[[int], int]  # samples -> encoder output frames
+  text_normalization: str = 'none'
   # split -> {reason: count} of the examples skipped by the indexes built so far.
   skipped: dict = dataclasses.field(default_factory=dict)
   _texts: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -93,21 +118,29 @@ class SpeechData:
     """`frames(num_samples)` is the number of frames the model emits for that much audio."""
     d = data_config
     data_dir = d.data_dir or os.path.join(workdir, 'data')
-    builder = open_builder(d.name, data_dir, d.domains_file)
-    spec = SPECS[d.name.partition('/')[0]]
+    builder = open_builder(d.name, data_dir, d.domains_file, max_seconds=max(d.bucket_seconds))
+    spec = SPECS[family(d.name)]
+    how = d.get('text_normalization', 'none')
+    if how not in TEXT_NORMALIZATIONS:
+      raise ValueError(f'data.text_normalization={how!r}: accepted values are '
+                       f'{TEXT_NORMALIZATIONS}')
     features = list(builder.info.features.keys()) if builder.info.features else []
     if spec.audio_key not in features:
       raise ValueError(f'data.name={d.name!r} has no audio feature {spec.audio_key!r} (its '
                        f'features: {sorted(features)}); training reads audio')
     if task == 'classification' and spec.label_key is None:
       raise ValueError(f'data.name={d.name!r} has no utterance labels; head.kind must be ctc')
+    if getattr(builder, 'task', task) != task and task != 'best_rq':
+      raise ValueError(f'data.name={d.name!r} is a {builder.task} manifest (its train lines carry '
+                       f'{"labels" if builder.task == "classification" else "text"}); '
+                       f'head.kind={task!r} needs the other kind')
     # Batch sizes divide over the processes and over the data-parallel mesh axes.
     multiple = math.lcm(jax.process_count(), data_ways)
     buckets = pipeline.make_buckets(tuple(d.bucket_seconds), d.batch_seconds,
                                     sample_rate_hz=spec.sample_rate_hz, multiple_of=multiple)
     eval_batch = -(-d.eval_batch_size // multiple) * multiple
     return cls(builder, spec, buckets, task, d.max_tokens_per_second, eval_batch, d.num_threads,
-               os.path.join(data_dir, 'index'), frames)
+               os.path.join(data_dir, 'index'), frames, how)
 
   # -- preparation ---------------------------------------------------------------------------
   def prepare(self) -> None:
@@ -140,13 +173,16 @@ class SpeechData:
 
   def text(self, example: dict) -> str:
     text = _text(example[self.spec.text_key]).strip()
-    return text.lower() if self.spec.lowercase else text
+    text = text.lower() if self.spec.lowercase else text
+    return normalize_text(text, self.text_normalization)
 
   def tokenizer(self, tokenizer_config, cache_dir: str, split: str = 'train'):
     """The tokenizer for this dataset, trained on `split`'s transcripts and cached."""
     t = tokenizer_config
     name = self.builder.info.full_name.replace('/', '-')
     suffix = 'chars' if t.kind == 'chars' else f'{t.kind}-{t.model_type}-{t.vocab_size}'
+    if self.text_normalization != 'none':
+      suffix += f'-{self.text_normalization}'
     return tokenizer_lib.load_or_train(
         os.path.join(cache_dir, f'{name}-{split}-{suffix}.model'),
         lambda: self.texts(split), kind=t.kind, vocab_size=t.vocab_size, model_type=t.model_type)
@@ -185,6 +221,8 @@ class SpeechData:
                frames=[self.frames(b.max_samples) for b in self.buckets],
                tokenizer=(hashlib.sha256(tokenizer.serialize()).hexdigest()
                           if tokenizer is not None else None))
+    if self.text_normalization != 'none':
+      key['text_normalization'] = self.text_normalization
     if self.task == 'best_rq':
       key['transcripts'] = False  # examples without transcripts are kept
     index = pipeline.cached_scan(self.index_dir, key, scan)
