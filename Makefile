@@ -11,7 +11,7 @@ VARIANT ?=
 # Test processes in parallel (each simulates 4 CPU devices).
 TEST_WORKERS ?= 2
 
-.PHONY: demo study test bench install clean
+.PHONY: demo study test bench install clean real-data
 
 # uv installs the same packages from PyPI in about a quarter of pip's time (measured here: 22 s
 # against ~100 s for this step), which counts against `make demo`'s time.
@@ -39,6 +39,16 @@ demo: $(VENV)/.installed
 study: $(VENV)/.installed
 	$(PY) launch/study.py --config=configs/study.py$(if $(VARIANT),:$(VARIANT)) \
 		--workdir=$(STUDY_WORKDIR)$(if $(VARIANT),-$(VARIANT)) --config.study.base_workdir=$(WORKDIR)
+
+# The real-speech task (configs/study.py:real): Debian's Asterisk prompts (CC-BY-SA-3.0), installed
+# with apt where missing (as root), and their manifest with its fixed split.
+REAL_DATA ?= runs/real_data/asterisk
+real-data: $(VENV)/.installed
+	@if [ ! -d /usr/share/asterisk/sounds/en ] || \
+	    [ ! -f /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz ]; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q asterisk-core-sounds-en-wav \
+	      asterisk-core-sounds-en; fi
+	$(PY) launch/manifest.py --layout=asterisk --output=$(REAL_DATA)
 
 test: $(VENV)/.installed-parity
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests

@@ -7,7 +7,7 @@ model: tiny | demo | bench | 600m | 2b | 8b (shapes and sources in tpa_jax/confi
 method: full | head | tpa | ff_sequential | block_parallel | block_sequential | mhsa_parallel |
 conv_parallel; blocks: 'all', a slice such as 16:32, or indices such as 0,3,5 (adapter methods
 only); bottleneck: the adapter dimension r; data: random | librispeech |
-synthetic_speech/<domain>. Every field is listed, with its meaning, in
+synthetic_speech/<domain> | manifest:DIR (your recordings: tpa_jax/data/manifest.py). Every field is listed, with its meaning, in
 tpa_jax/config/fields.py.
 """
 

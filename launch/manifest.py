@@ -7,6 +7,8 @@ Usage:
       # wav.scp + text (+ segments, utt2spk: splits by speaker)
   python launch/manifest.py --from=cv/en/validated.tsv --layout=tsv --output=manifests/cv
       # Common Voice: path / sentence / client_id columns (clips/ beside the TSV)
+  python launch/manifest.py --layout=asterisk --output=runs/real_data/asterisk
+      # Debian's Asterisk prompts (`make real-data`): the real-speech task of the study
 
 Then train on it: `--config.data.name=manifest:manifests/mine`. Splits are deterministic for a
 --seed, never share an audio file, and go by speaker where the source has speaker ids. Prints
@@ -20,8 +22,11 @@ from absl import app, flags
 from tpa_jax.data import manifest_layouts as layouts
 from tpa_jax.programs import cli
 
-_FROM = flags.DEFINE_string('from', None, 'The source: a folder, a Kaldi data directory or a '
-                            '.tsv / .csv file.')
+_FROM = flags.DEFINE_string('from', None, 'The source: a folder, a Kaldi data directory, a '
+                            '.tsv / .csv file (asterisk: the sounds folder, default '
+                            f'{layouts.ASTERISK_SOUNDS}).')
+_TRANSCRIPTS = flags.DEFINE_string('transcripts', layouts.ASTERISK_TRANSCRIPTS,
+                                   'asterisk layout: the prompts\' transcripts.')
 _LAYOUT = flags.DEFINE_enum('layout', None, layouts.LAYOUTS, 'How the source is laid out.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder to write train/validation/test.jsonl to.')
 _SPLIT = flags.DEFINE_string('split', '0.8,0.1,0.1', 'Fractions of train, validation, test.')
@@ -34,7 +39,7 @@ _SPEAKER_COLUMN = flags.DEFINE_string('speaker_column', 'client_id',
                                       'tsv layout: the speaker column (absent: split by file).')
 _AUDIO_DIR = flags.DEFINE_string('audio_dir', '', 'tsv layout: folder the paths are relative to '
                                  '(default: the TSV\'s folder, or its clips/ folder).')
-flags.mark_flags_as_required(['from', 'layout', 'output'])
+flags.mark_flags_as_required(['layout', 'output'])
 
 
 def main(argv):
@@ -45,7 +50,12 @@ def main(argv):
   except ValueError:
     cli.fail(f'--split={_SPLIT.value}: three fractions (train, validation, test), e.g. 0.8,0.1,0.1')
   skipped = layouts.Skipped()
-  if _LAYOUT.value == 'folder':
+  if not _FROM.value and _LAYOUT.value != 'asterisk':
+    cli.fail(f'--layout={_LAYOUT.value} needs --from (the source folder or file)')
+  if _LAYOUT.value == 'asterisk':
+    found = layouts.from_asterisk(_FROM.value or layouts.ASTERISK_SOUNDS, _TRANSCRIPTS.value,
+                                  skipped)
+  elif _LAYOUT.value == 'folder':
     found = layouts.from_folder(_FROM.value, _TASK.value, skipped)
   elif _LAYOUT.value == 'kaldi':
     found = layouts.from_kaldi(_FROM.value, skipped)

@@ -279,3 +279,66 @@ def test_a_common_voice_tsv_with_clips_and_bad_columns(tmp_path):
   bad_split = run_manifest(f'--from={src / "validated.tsv"}', '--layout=tsv', f'--output={out}',
                            '--split=0.5,0.6,0.1')
   assert bad_split.returncode == 1 and 'sum to 1' in bad_split.stderr
+
+
+# -- the real-speech task (Debian's Asterisk prompts, installed by .ci/run and `make real-data`) --
+
+def run_program(*args, timeout=600):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  return subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_a_tiny_model_trains_on_the_recorded_prompts_and_is_evaluated(tmp_path):
+  """The recordings are real (one speaker, 8 kHz): their manifest is the same on every machine,
+  prepares with every file resampled, and a tiny TPA run trains and is scored on its test split."""
+  out = tmp_path / 'asterisk'
+  first = run_program('launch/manifest.py', '--layout=asterisk', f'--output={out}')
+  assert first.returncode == 0, first.stderr[-2000:]
+  summary = json.loads(first.stdout.strip().splitlines()[-1])
+  assert summary['skipped']['tone_or_silence'] >= 1 and sum(summary['utterances'].values()) > 500
+  again = tmp_path / 'again'
+  assert run_program('launch/manifest.py', '--layout=asterisk', f'--output={again}').returncode == 0
+  for split in manifest.SPLITS:  # the fixed split
+    assert [line['text'] for line in read_lines(again, split)] == [
+        line['text'] for line in read_lines(out, split)]
+  workdir = tmp_path / 'run'
+  config = [f'--config=configs/adapt.py:model=tiny,method=tpa,data=manifest:{out}',
+            '--config.data.text_normalization=lower_no_punctuation',
+            '--config.data.eval_batch_size=16']
+  train = run_program('launch/train.py', *config, f'--workdir={workdir}',
+                      '--config.train.num_steps=4', '--config.checkpoint.every_steps=4',
+                      '--config.train.log_every_steps=2', '--config.data.eval_split=')
+  assert train.returncode == 0, train.stderr[-3000:]
+  prepared = [json.load(open(p)) for p in
+              __import__('glob').glob(str(workdir / 'data' / 'manifest_speech' / '*' / '*' /
+                                          'prepare.json'))]
+  assert len(prepared) == 1
+  report = prepared[0]
+  conversions, kept = report['conversions'], sum(report['kept'].values())
+  # Every file read was 8 kHz WAV (the silent ones are read, then rejected).
+  assert conversions == {'format_wav': conversions['resampled_from_8000_hz'],
+                         'resampled_from_8000_hz': kept + report['rejected'].get('silent_audio', 0)}
+  assert set(report['rejected']) <= {'longer_than_the_longest_bucket', 'silent_audio'}
+  losses = [json.loads(line)['loss'] for line in open(workdir / 'metrics.jsonl')
+            if 'loss' in json.loads(line)]
+  assert losses and all(np.isfinite(losses))
+  unnamed = run_program('launch/evaluate.py', f'--workdir={workdir}')  # trained with no eval_split
+  assert unnamed.returncode == 1 and 'pass --split=test' in unnamed.stderr
+  evaluated = run_program('launch/evaluate.py', f'--workdir={workdir}', '--split=test')
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+  assert result['split'] == 'test' and result['data'] == f'manifest:{out}'
+  assert result['num_utterances'] == report['kept']['test'] and result['wer'] > 0
+  # The export carries what decodes the head: the tokenizer trained on the normalised text.
+  exported = tmp_path / 'asterisk.safetensors'
+  export = run_program('launch/export.py', f'--workdir={workdir}', '--kind=adapter',
+                       f'--output={exported}')
+  assert export.returncode == 0, export.stderr[-3000:]
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  with safe_open(str(exported), 'np') as f:
+    metadata = f.metadata()
+  assert 'tokenizer' in metadata, sorted(metadata)

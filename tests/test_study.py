@@ -336,3 +336,51 @@ def test_the_top_k_and_bottleneck_curves(tiny_study, tmp_path):
           f"{as_cell(test['tpa'])} |") in table
   for name in ('pruning.png', 'bottleneck.png'):
     assert os.path.exists(os.path.join(other, name)), name
+
+
+def test_a_study_on_a_domain_of_a_users_file_beside_a_manifest_task(tmp_path):
+  """A user's domains file adds to the built-in domains (it holds the tiny ones and a new one:
+  the base still pre-trains on source_tiny), and a manifest task runs in the same study."""
+  with open(config_lib.TINY_DOMAINS_FILE) as f:
+    tiny = json.load(f)
+  mine = dict(tiny['target_lang_tiny'], description='a domain of my own', seed=7)
+  domains_file = tmp_path / 'domains.json'
+  domains_file.write_text(json.dumps({**tiny, 'my_domain_tiny': mine}))
+  import soundfile  # pylint: disable=import-outside-toplevel
+  recordings = tmp_path / 'recorded'
+  recordings.mkdir()
+  rng = np.random.default_rng(0)
+  lines = {'train': [], 'validation': [], 'test': []}
+  for i in range(24):
+    split = 'train' if i < 16 else 'validation' if i < 20 else 'test'
+    soundfile.write(recordings / f'u{i}.wav', 0.1 * rng.standard_normal(12000), 24000)
+    lines[split].append(json.dumps({'audio_filepath': f'u{i}.wav',
+                                    'text': ' '.join(['ab', 'ba', 'abba'][j % 3]
+                                                     for j in range(i % 3 + 1))}))
+  for split, items in lines.items():
+    (recordings / f'{split}.jsonl').write_text('\n'.join(items) + '\n')
+  workdir = tmp_path / 'study'
+  result = study(str(workdir), f'--config.data.domains_file={domains_file}',
+                 f'--config.study.tasks=synthetic_speech/my_domain_tiny,manifest:{recordings}',
+                 '--config.study.methods=head', '--config.study.pruning_seeds=0')
+  assert result.returncode == 0, result.stderr[-4000:]
+  rows = rows_of(workdir)
+  assert {(r['task'], r['status']) for r in rows} == {
+      ('synthetic_speech/my_domain_tiny', 'ok'), (f'manifest:{recordings}', 'ok')}
+  assert all(r['metric'] == 'wer' for r in rows)
+
+
+def test_a_users_domain_named_like_a_built_in_one_must_be_identical(tmp_path):
+  from tpa_jax.data import speech_corpus  # pylint: disable=import-outside-toplevel
+  with open(config_lib.DOMAINS_FILE) as f:
+    built_in = json.load(f)
+  same = tmp_path / 'same.json'
+  same.write_text(json.dumps({**built_in, 'mine': built_in['target_lang']}))
+  domains = speech_corpus.all_domains(str(same))
+  assert set(domains) == set(built_in) | {'mine'}
+  assert domains['source'] is speech_corpus.all_domains()['source']  # the built-in config
+  changed = tmp_path / 'changed.json'
+  changed.write_text(json.dumps({'source': {**built_in['source'], 'seed': 5}}))
+  with pytest.raises(ConfigError, match=r"redefines the built-in domain 'source' \(seed: "
+                                        r"built in 0, file 5\)"):
+    speech_corpus.all_domains(str(changed))

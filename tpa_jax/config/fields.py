@@ -306,4 +306,6 @@ def tokenizer_fields() -> ml_collections.ConfigDict:
   tk.model_type = 'unigram'
   # Where tokenizers are cached ('': <workdir>/tokenizers); runs that share one point here.
   tk.dir = ''
+  # A tokenizer file to use instead of training one (a base's own: its head's vocabulary).
+  tk.file = ''
   return tk

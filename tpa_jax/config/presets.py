@@ -80,7 +80,7 @@ def adapt_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Base config with a model preset, a method, adapter overrides and a dataset from `arg`.
 
   Keys: model (a preset), method, blocks (adapted blocks), bottleneck, data ('random',
-  'librispeech' or 'synthetic_speech/<domain>').
+  'librispeech', 'synthetic_speech/<domain>' or 'manifest:DIR').
   """
   args = parse_arg(arg)
   unknown = sorted(set(args) - set(ADAPT_KEYS))
@@ -111,7 +111,10 @@ def adapt_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def apply_data(c: ml_collections.ConfigDict, name: str) -> None:
   """Points `c.data` at a dataset: 'random', 'librispeech' (train-clean-100 / test-clean) or
-  'synthetic_speech/<domain>' with a domain of the embedded corpus."""
+  'synthetic_speech/<domain>' with a domain of the embedded corpus, or 'manifest:DIR'."""
+  if name.startswith('manifest:'):  # checked when the data is opened (tpa_jax/data/manifest.py)
+    c.data.name = name
+    return
   family, _, domain = name.partition('/')
   if family == 'synthetic_speech':
     domains = synthetic_domains()
@@ -123,7 +126,7 @@ def apply_data(c: ml_collections.ConfigDict, name: str) -> None:
       c.data.domains_file = TINY_DOMAINS_FILE
     return
   if name not in DATA_NAMES:
-    raise ValueError(f"data={name!r}: accepted values are {DATA_NAMES} or "
+    raise ValueError(f"data={name!r}: accepted values are {DATA_NAMES}, 'manifest:DIR' or "
                      f"'synthetic_speech/<domain>' with a domain in {synthetic_domains()}")
   c.data.name = name
   if name == 'librispeech':

@@ -82,8 +82,7 @@ def open_builder(name: str, data_dir: str, domains_file: str = '', *,
   if family == 'synthetic_speech':
     # Imported here: the corpus module needs the `speech` extra (eSpeak NG, wordfreq).
     from tpa_jax.data import speech_corpus  # pylint: disable=import-outside-toplevel
-    domains = {d.name: d for d in (speech_corpus.load_domains(domains_file) if domains_file
-                                   else speech_corpus.SyntheticSpeech.BUILDER_CONFIGS)}
+    domains = speech_corpus.all_domains(domains_file)
     if config_name not in domains:
       raise ValueError(f'data.name={name!r}: the synthetic corpus has domains {sorted(domains)}'
                        f'{" in " + domains_file if domains_file else ""}')
@@ -179,6 +178,11 @@ class SpeechData:
   def tokenizer(self, tokenizer_config, cache_dir: str, split: str = 'train'):
     """The tokenizer for this dataset, trained on `split`'s transcripts and cached."""
     t = tokenizer_config
+    if t.get('file'):  # a given tokenizer (a base's own, to score it before adaptation)
+      if not os.path.isfile(t.file):
+        raise ValueError(f'tokenizer.file={t.file!r} does not exist; pass a tokenizer written '
+                         "under a run's tokenizers/ folder, or '' to train one on the data")
+      return tokenizer_lib.load_or_train(t.file, lambda: [])
     name = self.builder.info.full_name.replace('/', '-')
     suffix = 'chars' if t.kind == 'chars' else f'{t.kind}-{t.model_type}-{t.vocab_size}'
     if self.text_normalization != 'none':

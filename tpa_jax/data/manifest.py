@@ -9,7 +9,8 @@ channel, resampled to 16 kHz with soxr (high quality) and stored as int16.
 
 The prepared dataset is keyed by a hash of the manifests and of the audio files' sizes and
 modification times, so an edited manifest (or a re-recorded file) is prepared again and an
-unchanged one never is. Preparing never stops on one bad line: each rejected line is counted by
+unchanged one never is. Preparing never stops on one bad line: each rejected line (silent audio
+among them) is counted by
 reason (the first paths of each printed) and the counts, with the conversions made, are written
 to `prepare.json` beside the dataset. A folder without `train.jsonl`, a malformed line, a
 missing required key, or a split with every line rejected is a `ManifestError` before anything
@@ -28,12 +29,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from tpa_jax.data import pipeline
 from tpa_jax.errors import ConfigError
 
 PREFIX = 'manifest:'
 SPLITS = ('train', 'validation', 'test')
 SAMPLE_RATE_HZ = 16000
-MANIFEST_VERSION = '1.0.0'
+MANIFEST_VERSION = '1.1.0'
 _SHOWN_PER_REASON = 5  # paths printed for each reason a line was rejected
 
 
@@ -247,7 +249,8 @@ class ManifestSpeech(tfds.core.GeneratorBasedBuilder):
   """Speech from a manifest folder: 16 kHz int16 audio with transcripts or labels."""
 
   VERSION = tfds.core.Version(MANIFEST_VERSION)
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  RELEASE_NOTES = {'1.0.0': 'First release.',
+                   '1.1.0': 'Silent audio rejected (and counted) when prepared.'}
 
   def __init__(self, *, config: ManifestConfig, **kwargs):
     self._plan = plan(config.directory, config.max_seconds)
@@ -286,8 +289,10 @@ class ManifestSpeech(tfds.core.GeneratorBasedBuilder):
         logging.warning('manifest: %s:%d %s: %s', entry.split, entry.line, entry.path, e)
         report.reject(entry, 'unreadable_audio')
         continue
-      if audio.size == 0:
-        report.reject(entry, 'empty_audio')
+      # Empty or silent (peak below -60 dBFS) audio: the pipeline's own test of usable audio.
+      problem = pipeline.audio_problem(audio, max_samples=audio.size)
+      if problem:
+        report.reject(entry, problem)
         continue
       report.kept[entry.split] += 1
       report.audio_seconds += audio.size / SAMPLE_RATE_HZ

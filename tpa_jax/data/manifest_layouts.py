@@ -21,7 +21,11 @@ import os
 from tpa_jax.data.manifest import ManifestError, SPLITS
 
 AUDIO_EXTENSIONS = ('.wav', '.flac', '.ogg', '.opus', '.mp3')
-LAYOUTS = ('folder', 'kaldi', 'tsv')
+LAYOUTS = ('folder', 'kaldi', 'tsv', 'asterisk')
+# Debian's asterisk-core-sounds-en-wav (recordings) and asterisk-core-sounds-en (transcripts):
+# about 550 English telephone prompts (8 kHz) by one speaker, CC-BY-SA-3.0.
+ASTERISK_SOUNDS = '/usr/share/asterisk/sounds/en'
+ASTERISK_TRANSCRIPTS = '/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +166,38 @@ def from_tsv(src: str, skipped: Skipped, *, path_column: str = 'path',
       found.append(Utterance(os.path.normpath(os.path.join(audio_dir, row[path_column])),
                              text=(row.get(text_column) or '').strip(),
                              speaker=row.get(speaker_column) or None))
+  return found
+
+
+def from_asterisk(sounds: str, transcripts: str, skipped: Skipped) -> list[Utterance]:
+  """The Asterisk prompts: `name: transcript` lines (name relative to `sounds`, without .wav);
+  tones and silences (a transcript in [brackets]) are left out."""
+  import gzip  # pylint: disable=import-outside-toplevel
+  for path, package in ((sounds, 'asterisk-core-sounds-en-wav'),
+                        (transcripts, 'asterisk-core-sounds-en')):
+    if not os.path.exists(path):
+      raise ManifestError(f'{path} is missing: install the Debian package {package} '
+                          '(`make real-data` does)')
+  found = []
+  opener = gzip.open if transcripts.endswith('.gz') else open
+  with opener(transcripts, 'rt', encoding='utf-8') as f:
+    for number, line in enumerate(f, start=1):
+      line = line.strip()
+      if not line or line.startswith(';'):
+        continue
+      name, sep, text = line.partition(':')
+      text = text.strip()
+      if not sep or not name.strip():
+        skipped.add('line_without_a_name', f'{transcripts}:{number}')
+        continue
+      if text.startswith('[') and text.endswith(']'):
+        skipped.add('tone_or_silence', name)
+        continue
+      path = os.path.join(sounds, name.strip() + '.wav')
+      if not os.path.isfile(path):
+        skipped.add('no_recording', path)
+        continue
+      found.append(Utterance(os.path.realpath(path), text=text))
   return found
 
 

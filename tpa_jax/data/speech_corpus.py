@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tpa_jax.data import synthesis
+from tpa_jax.errors import ConfigError
 from tpa_jax.data.text import SentenceGenerator
 
 SPLITS = ('train', 'validation', 'test')
@@ -69,6 +70,35 @@ def load_domains(path: str = _DOMAINS_FILE, **overrides) -> list[SpeechDomain]:
     for key in ('languages', 'rate_wpm', 'pitch'):
       fields[key] = tuple(fields[key])
     domains.append(SpeechDomain(name=name, version=CORPUS_VERSION, **fields))
+  return domains
+
+
+# The fields that decide a domain's audio and text (a domain is identical when they are).
+_DOMAIN_FIELDS = ('languages', 'voices', 'rate_wpm', 'pitch', 'snr_db', 'sizes', 'num_words',
+                  'min_words', 'max_words', 'seed')
+
+
+def all_domains(domains_file: str = '') -> dict[str, SpeechDomain]:
+  """The built-in domains with those of a user's `domains_file` added. A domain of the file
+  named like a built-in one is accepted when identical (the built-in one is used) and refused by
+  name, with the differing fields, otherwise."""
+  domains = {d.name: d for d in SyntheticSpeech.BUILDER_CONFIGS}
+  if not domains_file:
+    return domains
+  try:
+    extra = load_domains(domains_file)
+  except (OSError, ValueError, TypeError, KeyError) as e:
+    raise ConfigError(f'data.domains_file={domains_file!r} cannot be read: {e}') from e
+  for domain in extra:
+    built_in = domains.get(domain.name)
+    if built_in is None:
+      domains[domain.name] = domain
+      continue
+    differ = [f'{f}: built in {getattr(built_in, f)!r}, file {getattr(domain, f)!r}'
+              for f in _DOMAIN_FIELDS if getattr(built_in, f) != getattr(domain, f)]
+    if differ:
+      raise ConfigError(f'data.domains_file={domains_file!r} redefines the built-in domain '
+                        f'{domain.name!r} ({"; ".join(differ)}): give your domain another name')
   return domains
 
 

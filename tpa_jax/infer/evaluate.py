@@ -22,7 +22,7 @@ from tpa_jax import checkpoint, sharding
 from tpa_jax.audio.featurizer import Featurizer
 from tpa_jax.checkpoint import spec as spec_lib
 from tpa_jax.data import random_task
-from tpa_jax.errors import CheckpointError
+from tpa_jax.errors import CheckpointError, ConfigError
 from tpa_jax.infer import decoding, export, scoring
 from tpa_jax.train import trainer as trainer_lib
 from tpa_jax.train.metrics import write_json
@@ -62,6 +62,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   `sharding.program_mesh`: the config's mesh if it fits the devices here, else all of them on
   the data axis."""
   split = split or config.data.eval_split
+  if not split and config.data.name != 'random':
+    raise ConfigError("no split to evaluate: the config's data.eval_split is '' (the run "
+                      'scored none); pass --split=test (or another split of the data)')
   mesh = mesh if mesh is not None else sharding.program_mesh(config.mesh)
   workdir = checkpoint.check_workdir(workdir)
   reader = None if adapters_path or head_path else _run_reader(workdir)

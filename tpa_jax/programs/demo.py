@@ -54,7 +54,10 @@ _THE_BASE = ('seed', 'model', 'adapter', 'head', 'train', 'optim', 'data', 'feat
              'tokenizer', 'mesh', 'ssl')
 _NOT_THE_BASE = ('train.log_every_steps', 'train.eval_every_steps', 'train.validation_decoding',
                  'data.eval_split', 'data.validation_split', 'data.eval_batch_size',
-                 'data.num_threads', 'data.data_dir', 'data.domains_file', 'tokenizer.dir')
+                 'data.num_threads', 'data.data_dir', 'data.domains_file', 'tokenizer.dir',
+                 # The tokenizer's own bytes are in the key: how its text was normalised, or
+                 # which file it was read from, is in them.
+                 'data.text_normalization', 'tokenizer.file')
 
 
 def fingerprint(config: ml_collections.ConfigDict, tokenizer, *, dataset_description=None) -> str:

@@ -65,6 +65,9 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, mesh) -> tuple[str,
   from tpa_jax.audio.featurizer import output_frames  # pylint: disable=import-outside-toplevel
   c = ml_collections.ConfigDict(config.data.to_dict())
   c.name, c.data_dir = config.demo.source, data
+  # The base learns its corpus's own text (the tasks' normalisation is theirs), so a study with
+  # normalised tasks shares the demo's base.
+  c.text_normalization = 'none'
   source = datasets.SpeechData.open(c, workdir=workdir, task='ctc', frames=output_frames(config),
                                     data_ways=mesh.shape['data'] * mesh.shape['fsdp'])
   source.prepare()

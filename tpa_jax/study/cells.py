@@ -87,6 +87,8 @@ class Task:
 
   @property
   def short(self) -> str:
+    if self.name.startswith('manifest:'):  # the manifest folder's name
+      return os.path.basename(os.path.normpath(self.name[len('manifest:'):]))
     return self.name.split('/')[-1]
 
   @property
@@ -105,13 +107,14 @@ def parse_tasks(config: ml_collections.ConfigDict) -> list[Task]:
   """study.tasks: dataset names, each with an optional ':ctc' or ':classification'. Without one,
   a synthetic domain of several languages is language ID (classification), anything else ASR."""
   from tpa_jax.data import speech_corpus  # pylint: disable=import-outside-toplevel
-  domains_file = config.data.domains_file or config_lib.DOMAINS_FILE
-  try:
-    domains = {d.name: d for d in speech_corpus.load_domains(domains_file)}
-  except (OSError, ValueError) as e:
-    raise ConfigError(f'data.domains_file={domains_file!r} cannot be read: {e}') from e
+  domains_file = config.data.domains_file
+  domains = speech_corpus.all_domains(domains_file)
+  domains_file = domains_file or 'the built-in domains'
   tasks = []
   for entry in split_list(config.study.tasks):
+    if entry.startswith('manifest:'):
+      tasks.append(_manifest_task(entry))
+      continue
     name, _, head = entry.partition(':')
     family, _, domain = name.partition('/')
     if family == 'synthetic_speech':
@@ -123,14 +126,29 @@ def parse_tasks(config: ml_collections.ConfigDict) -> list[Task]:
       head = head or 'ctc'
     else:
       raise ConfigError(f'study.tasks names {name!r}: accepted tasks are '
-                        f'synthetic_speech/<domain> (of {domains_file}: {tuple(domains)}) and '
-                        "librispeech, each optionally with ':ctc' or ':classification'")
+                        f'synthetic_speech/<domain> (of {domains_file}: {tuple(domains)}), '
+                        "librispeech and manifest:DIR, each optionally with ':ctc' or "
+                        "':classification'")
     if head not in HEADS:
       raise ConfigError(f'study.tasks entry {entry!r}: the head after ":" must be one of {HEADS}')
     tasks.append(Task(name, head))
   if not tasks:
     raise ConfigError('study.tasks names no task')
   return tasks
+
+
+def _manifest_task(entry: str) -> Task:
+  """'manifest:DIR[:ctc|:classification]': the head defaults to what the train manifest's
+  lines carry (text: ctc, labels: classification)."""
+  from tpa_jax.data import manifest  # pylint: disable=import-outside-toplevel  (soundfile)
+  name, head = entry, ''
+  for kind in HEADS:
+    if entry.endswith(f':{kind}'):
+      name, head = entry[:-len(kind) - 1], kind
+  kind = manifest.manifest_task(manifest.read_manifests(manifest.manifest_dir(name)))
+  if head and head != kind:
+    raise ConfigError(f'study.tasks entry {entry!r}: {name} is a {kind} manifest')
+  return Task(name, kind)
 
 
 def learning_rates(config: ml_collections.ConfigDict) -> list[float]:

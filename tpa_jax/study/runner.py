@@ -48,7 +48,8 @@ _FREE_FIELDS = ('study.methods', 'study.tasks', 'study.seeds', 'study.learning_r
 # Fields added to the study config after workdirs were written, with the value that an older
 # workdir's study had: a workdir without them is of a study with that value.
 _ADDED_FIELDS = {'study.base': 'supervised', 'study.bases': '', 'model.attention_impl': 'xla',
-                 'model.attention_block': 128, 'data.text_normalization': 'none'}
+                 'model.attention_block': 128, 'data.text_normalization': 'none',
+                 'tokenizer.file': ''}
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
