@@ -175,7 +175,7 @@ def test_bad_names_are_refused_before_anything_runs(tmp_path):
     c.study[field] = value
     with pytest.raises(ConfigError, match=message):
       runner.validate(c)
-  with pytest.raises(ValueError, match=r"one of \('quick', 'full', 'scale', 'ssl', 'best_rq', 'tiny'"):
+  with pytest.raises(ValueError, match=r"one of \('quick', 'full', 'scale', 'ssl', 'best_rq', 'real', 'tiny'"):
     config_lib.load_config_file('configs/study.py:huge')
   # The program: one message, status 1, nothing written.
   result = study(str(tmp_path / 's'), '--config.study.methods=head,nope')
