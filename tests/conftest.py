@@ -156,7 +156,9 @@ RUN_FIRST = (
     'test_tiny_demo_end_to_end_and_cached_base',
     'test_a_tiny_pretraining_learns_and_its_quantizer_never_trains',  # builds the pre-training
     'test_killed_and_resumed_it_ends_bit_identical',
+    'test_a_tiny_model_trains_on_the_recorded_prompts_and_is_evaluated',
     'test_the_top_k_and_bottleneck_curves',
+    'test_a_study_on_a_domain_of_a_users_file_beside_a_manifest_task',
     'test_the_ssl_study_adapts_the_written_base_and_a_random_one_under_their_fingerprints',
     'test_step_cost_benchmark_prints_every_field',
     'test_accelerator_script_measures_every_part_at_the_tiny_preset',
