@@ -2,6 +2,7 @@
 mid-cell and resumed; the best validation step scores test; bad input; the fairness plumbing
 (one program for every learning rate; the demo base's cache key)."""
 
+import importlib.util
 import json
 import os
 import re
@@ -175,8 +176,15 @@ def test_bad_names_are_refused_before_anything_runs(tmp_path):
     c.study[field] = value
     with pytest.raises(ConfigError, match=message):
       runner.validate(c)
-  with pytest.raises(ValueError, match=r"one of \('quick', 'full', 'scale', 'ssl', 'best_rq', 'real', 'tiny'"):
+  # An unknown variant: the error lists the file's variants (every one of which loads).
+  spec = importlib.util.spec_from_file_location('study_variants', 'configs/study.py')
+  variants = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(variants)
+  assert {'quick', 'full', 'real', 'tiny'} <= set(variants.VARIANTS)
+  with pytest.raises(ValueError, match=f'one of {re.escape(str(variants.VARIANTS))}, got .huge.'):
     config_lib.load_config_file('configs/study.py:huge')
+  for name in variants.VARIANTS:
+    assert config_lib.load_config_file(f'configs/study.py:{name}').study.methods
   # The program: one message, status 1, nothing written.
   result = study(str(tmp_path / 's'), '--config.study.methods=head,nope')
   assert result.returncode == 1 and "accepted methods are ('head'" in result.stderr
