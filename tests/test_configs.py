@@ -125,6 +125,16 @@ def test_bad_adapt_arguments_are_named(arg, message):
     config_lib.adapt_config(arg)
 
 
+def test_a_list_in_a_config_argument_is_one_value():
+  assert config_lib.parse_arg('model=tiny,blocks=1,3,method=lora') == {
+      'model': 'tiny', 'blocks': '1,3', 'method': 'lora'}
+  c = config_lib.load_config_file(os.path.join(CONFIG_DIR, 'tiny.py') + ':blocks=2,3')
+  assert c.adapter.blocks == '2,3'
+  assert build.adapter_blocks(c) == (2, 3)
+  with pytest.raises(ValueError, match=r"'bottleneck' is not key=value .*accepted: key=value"):
+    config_lib.parse_arg('blocks=1,bottleneck')
+
+
 def test_adapt_arguments_reach_the_config():
   c = config_lib.adapt_config('model=2b,method=block_sequential,blocks=16:32,bottleneck=128,'
                               'data=librispeech')

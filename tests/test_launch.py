@@ -132,6 +132,12 @@ def test_evaluate_takes_an_adapter_export_over_its_base(tiny_run, tmp_path):
   from_run = json.load(open(tiny_run / 'eval_test.json'))
   assert from_export['evaluated'] == 'adapters' and from_export['step'] is None
   assert from_export['wer'] == pytest.approx(from_run['wer'], abs=0.01)
+  # Without --workdir (the form the checkpoints guide gives): evaluated beside the export.
+  beside = run('launch/evaluate.py', '--config=configs/tiny.py', f'--adapters={out}')
+  assert beside.returncode == 0, beside.stderr[-3000:]
+  assert f'go to {tmp_path / "adapters.eval"}' in beside.stderr
+  assert json.loads(beside.stdout.splitlines()[-1]) == from_export
+  assert json.load(open(tmp_path / 'adapters.eval' / 'eval_test.json')) == from_export
   # The same refusals as attaching: a differing field is named, without a traceback.
   refused = run('launch/evaluate.py', f'--workdir={tmp_path / "eval"}', '--config=configs/tiny.py',
                 f'--adapters={out}', '--config.adapter.bottleneck=8')
@@ -155,6 +161,22 @@ def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, args, messag
   assert result.returncode == 1, result.stderr[-3000:]
   assert message in result.stderr, result.stderr[-3000:]
   assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize('program,args,message', [
+    ('launch/evaluate.py', ('--config=configs/tiny.py',),
+     '--workdir is required to evaluate a run'),
+    ('launch/train.py', ('--config=configs/tiny.py:model', '--workdir=unused'),
+     "--config=configs/tiny.py:model: config argument 'model' is not key=value"),
+    ('launch/train.py', ('--config=configs/tiny.py:blocks=2,3,9', '--workdir=unused'),
+     'adapter.blocks=[2, 3, 9]: 9 is not a block of a model with 4 blocks'),
+])
+def test_mistakes_before_the_run_starts_are_one_line(program, args, message):
+  result = run(program, *args, timeout=120)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(f'error: {message}'), result.stderr
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert not os.path.exists(os.path.join(ROOT, 'unused'))
 
 
 @pytest.mark.parametrize('override,message', [

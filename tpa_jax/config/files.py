@@ -8,15 +8,23 @@ import os
 
 import ml_collections
 
+from tpa_jax.errors import ConfigError
+
 
 def parse_arg(arg: str | None) -> dict[str, str]:
-  """'model=tiny,method=tpa' -> {'model': 'tiny', 'method': 'tpa'}."""
-  out = {}
+  """'model=tiny,method=tpa' -> {'model': 'tiny', 'method': 'tpa'}. A part without '=' continues
+  the value before it, so a value may be a list: 'blocks=2,3' -> {'blocks': '2,3'}; a bare name
+  without '=' ('model') is a key without a value, an error."""
+  out, key = {}, None
   for part in filter(None, (arg or '').split(',')):
-    if '=' not in part:
-      raise ValueError(f'config argument {part!r} is not key=value (in {arg!r})')
-    key, value = part.split('=', 1)
-    out[key.strip()] = value.strip()
+    if '=' in part:
+      key, value = (s.strip() for s in part.split('=', 1))
+      out[key] = value
+    elif key is None or part.strip().isidentifier():
+      raise ConfigError(f'config argument {part!r} is not key=value (in {arg!r}); accepted: '
+                        'key=value[,key=value...], where a value may be a list (blocks=2,3)')
+    else:
+      out[key] += ',' + part.strip()
   return out
 
 

@@ -134,6 +134,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   return out
 
 
+def default_workdir(adapters_path: str = '', head_path: str = '') -> str:
+  """Where an export or a head is evaluated without a --workdir: `<export without
+  .safetensors>.eval` (or `<head>.eval`) beside it. A run has no default: it is its workdir."""
+  path = adapters_path or head_path
+  if not path:
+    raise ConfigError('--workdir is required to evaluate a run (its checkpoints/); without one, '
+                      'pass --adapters=<an adapter export> or --head=<the head saved with the '
+                      'base>, evaluated in <export or head>.eval/')
+  path = os.path.normpath(path)
+  stem = path[:-len('.safetensors')] if path.endswith('.safetensors') else path
+  return stem + '.eval'
+
+
 def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config recorded with the newest committed checkpoint of the run in `workdir`."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')

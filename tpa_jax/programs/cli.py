@@ -77,8 +77,26 @@ def parse_flags(argv: list[str]) -> list[str]:
     except ValueError as e:
       fail(str(e))
     raise
-  except flags.Error as e:  # (a config file's get_config raising names its argument here)
+  except flags.Error as e:
+    cause = _first_cause(e)
+    if isinstance(cause, ValueError):  # a config file's get_config refusing its argument
+      fail(f'{_flag_of(e)}{cause}')  # (config_flags' message would carry the traceback)
     fail(f'{e}\nPass --helpshort or --helpfull to see help on flags.')
+
+
+def _first_cause(error: BaseException) -> BaseException:
+  """The exception at the start of `error`'s chain (config_flags re-raises twice)."""
+  while (error.__cause__ or error.__context__) is not None:
+    error = error.__cause__ or error.__context__
+  return error
+
+
+def _flag_of(error: flags.Error) -> str:
+  """'--config=configs/x.py:arg: ' from absl's 'flag --config=...: message', or ''."""
+  text = str(error)
+  if text.startswith('flag --'):
+    return text[len('flag '):].split(': ', 1)[0] + ': '
+  return ''
 
 
 def run(main: Callable[[list[str]], None]) -> None:
