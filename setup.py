@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     'ml-collections==1.1.0',
     'absl-py==2.5.1',
     'safetensors==0.8.0',  # adapter exports and serving bundles
+    'tensorboardX==2.6.5',  # TensorBoard event files without TensorFlow
     'numpy',
 ]
 

@@ -1,10 +1,10 @@
 """Metrics of a run in its workdir: JSON lines (`metrics.jsonl`) and TensorBoard event files.
 
 Only process 0 writes: with several processes every one computes the same (global) metrics.
-TensorBoard's event files are written here directly, without TensorFlow (whose import costs a
-training process about 12 s of CPU): TFRecord framing around `Event` protocol buffers, each
-scalar a float32 tensor tagged for TensorBoard's scalars plugin, as `tf.summary` writes them.
-`tensorboard --logdir <workdir>/tensorboard` shows them.
+TensorBoard's event files are written with tensorboardX, which needs no TensorFlow (whose import
+costs a training process about 12 s of CPU); each scalar is a float32 tensor tagged for
+TensorBoard's scalars plugin, as `tf.summary` writes them. `tensorboard --logdir
+<workdir>/tensorboard` shows them.
 """
 
 from __future__ import annotations
@@ -13,105 +13,45 @@ import itertools
 import json
 import numbers
 import os
-import socket
-import struct
-import time
-from collections.abc import Sequence
 
 import jax
-
-
-def _crc32c_table() -> list[int]:
-  table = []
-  for n in range(256):
-    c = n
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1  # Castagnoli, reflected
-    table.append(c)
-  return table
-
-
-_CRC32C = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-  """One TFRecord: length, its masked CRC-32C, the data, its masked CRC-32C."""
-  length = struct.pack('<Q', len(data))
-  return (length + struct.pack('<I', _masked_crc(length)) + data +
-          struct.pack('<I', _masked_crc(data)))
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    byte, n = n & 0x7F, n >> 7
-    out.append(byte | (0x80 if n else 0))
-    if not n:
-      return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-  """A length-delimited protocol-buffer field."""
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-# Field numbers of tensorflow/core/util/event.proto and framework/{summary,tensor}.proto.
-_SCALARS_METADATA = _field(9, _field(1, _field(1, b'scalars')))  # Value.metadata.plugin_data
-
-
-def _scalar(tag: str, value: float) -> bytes:
-  """A Summary.Value: the tag, the plugin metadata, a float32 scalar TensorProto (dtype
-  DT_FLOAT = 1, an empty shape, one packed float_val)."""
-  tensor = _varint(1 << 3) + _varint(1) + _field(2, b'') + _field(5, struct.pack('<f', value))
-  return _field(1, tag.encode()) + _SCALARS_METADATA + _field(8, tensor)
-
-
-def event(step: int, *, summary_values: Sequence[bytes] = (), file_version: str = '') -> bytes:
-  """An Event: wall time (double, 1), step (int64, 2), file version (3) or summary (5)."""
-  out = _varint(1 << 3 | 1) + struct.pack('<d', time.time())
-  if step:
-    out += _varint(2 << 3) + _varint(step)
-  if file_version:
-    out += _field(3, file_version.encode())
-  if summary_values:
-    out += _field(5, b''.join(_field(1, v) for v in summary_values))
-  return out
-
+import tensorboardX
+from tensorboardX.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
 _FILES = itertools.count()  # (one file per writer, however many a process opens in a second)
 
 
+# Scalars as `tf.summary.scalar` writes them (TensorBoard's scalars plugin reads either form):
+# a float32 tensor with the plugin's metadata, rather than tensorboardX's legacy simple_value.
+_SCALARS = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
+
+
+def _scalar(tag: str, value: float) -> summary_pb2.Summary.Value:
+  return summary_pb2.Summary.Value(tag=tag, metadata=_SCALARS, tensor=tensor_pb2.TensorProto(
+      dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+      float_val=[value]))
+
+
 class TensorBoardWriter:
-  """Scalars as a TensorBoard event file in `directory`."""
+  """Scalars as a TensorBoard event file in `directory`, flushed after every write (a killed
+  run keeps what it logged)."""
 
   def __init__(self, directory: str):
     os.makedirs(directory, exist_ok=True)
-    name = (f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.'
-            f'{next(_FILES)}.v2')
-    self._file = open(os.path.join(directory, name), 'ab')  # pylint: disable=consider-using-with
-    self._file.write(tfrecord(event(0, file_version='brain.Event:2')))
-    self._file.flush()
+    self._writer = tensorboardX.FileWriter(
+        directory, filename_suffix=f'.{os.getpid()}.{next(_FILES)}')
+    self._closed = False
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
-    values = [_scalar(tag, value) for tag, value in scalars.items()]
-    self._file.write(tfrecord(event(step, summary_values=values)))
-    self._file.flush()
+    summary = summary_pb2.Summary(value=[_scalar(t, v) for t, v in scalars.items()])
+    self._writer.add_summary(summary, step)
+    self._writer.flush()
 
   def close(self) -> None:
-    if not self._file.closed:
-      self._file.close()
+    if not self._closed:
+      self._writer.close()
+      self._closed = True
 
 
 class MetricsWriter:
