@@ -145,30 +145,8 @@ def logged_steps(workdir):
     return []
 
 
-# The slowest tests (measured), run first, so that pytest-xdist's workers share them out rather
-# than one worker ending the session alone on one, and the folders of `built_once` are built
-# early. Only tests without module-scoped fixtures: moving one away from its module's other
-# tests would build its module's fixtures again.
-RUN_FIRST = (
-    'test_tiny_study_end_to_end_rerun_and_resume',  # builds the tiny study
-    'test_resumed_two_process_run_equals_the_one_process_run',  # builds the multi-host runs
-    'test_the_scale_variant_compares_bases_of_several_sizes',
-    'test_tiny_demo_end_to_end_and_cached_base',
-    'test_a_tiny_pretraining_learns_and_its_quantizer_never_trains',  # builds the pre-training
-    'test_killed_and_resumed_it_ends_bit_identical',
-    'test_a_tiny_model_trains_on_the_recorded_prompts_and_is_evaluated',
-    'test_the_top_k_and_bottleneck_curves',
-    'test_a_study_on_a_domain_of_a_users_file_beside_a_manifest_task',
-    'test_the_ssl_study_adapts_the_written_base_and_a_random_one_under_their_fingerprints',
-    'test_step_cost_benchmark_prints_every_field',
-    'test_accelerator_script_measures_every_part_at_the_tiny_preset',
-    'test_a_failed_cell_is_recorded_and_the_study_goes_on',
-)
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(RUN_FIRST)}
-  items.sort(key=lambda item: rank.get(item.originalname, len(rank)))  # (stable)
+# The slowest tests first, ordered by recorded durations (`@pytest.mark.slow`; tests/slow_first.py).
+from slow_first import pytest_addoption, pytest_configure  # noqa: E402,F401  pylint: disable=unused-import,wrong-import-position
 
 
 def session_root(tmp_path_factory):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,6 +22,7 @@ def run_demo(workdir, *overrides):
   return result, json.load(open(os.path.join(workdir, 'results.json')))
 
 
+@pytest.mark.slow(seconds=93)
 def test_tiny_demo_end_to_end_and_cached_base(tmp_path):
   first, results = run_demo(tmp_path)
   for key in ('source_wer', 'target_wer_before', 'target_wer_after'):

@@ -191,6 +191,7 @@ def test_train_rejects_bad_config_with_a_named_error(tmp_path, override, message
   assert not (tmp_path / 'metrics.jsonl').exists()
 
 
+@pytest.mark.slow(seconds=27)
 def test_step_cost_benchmark_prints_every_field():
   result = run('benchmarks/step_cost.py', '--preset=tiny', '--frames=32', '--steps=1',
                '--methods=full,tpa_upper_half', timeout=600)
@@ -225,6 +226,7 @@ def test_step_profile_charges_every_equation_to_the_code_that_made_it():
   assert chunked['nn/chunked_attention.py:chunked_attention']['flops'] > 0
 
 
+@pytest.mark.slow(seconds=204)
 def test_accelerator_script_measures_every_part_at_the_tiny_preset(tmp_path):
   """The device script's code path on CPU: every method x implementation of the train step, the
   attention alone against xla, and serving, all in its JSON lines and in $OUT."""

@@ -292,6 +292,7 @@ def run_program(*args, timeout=600):
                         text=True, timeout=timeout)
 
 
+@pytest.mark.slow(seconds=77)
 def test_a_tiny_model_trains_on_the_recorded_prompts_and_is_evaluated(tmp_path):
   """The recordings are real (one speaker, 8 kHz): their manifest is the same on every machine,
   prepares with every file resampled, and a tiny TPA run trains and is scored on its test split."""

@@ -91,6 +91,7 @@ def test_sigterm_to_one_process_stops_every_process_at_one_saved_step(runs):
     assert f'every process saves step {step}, then exits' in runs['first_logs'][i]
 
 
+@pytest.mark.slow(seconds=85)
 def test_resumed_two_process_run_equals_the_one_process_run(runs):
   for i in range(2):
     assert f'resumed from step {runs["stopped_at"][0]}' in runs['resumed_logs'][i]

@@ -67,6 +67,7 @@ def uninterrupted(tmp_path_factory):
   return _uninterrupted_run(tmp_path_factory) / 'best_rq'
 
 
+@pytest.mark.slow(seconds=50)
 def test_a_tiny_pretraining_learns_and_its_quantizer_never_trains(uninterrupted):
   logged = metrics(uninterrupted)
   assert [r['step'] for r in logged] == list(range(1, NUM_STEPS + 1))
@@ -95,6 +96,7 @@ def test_a_tiny_pretraining_learns_and_its_quantizer_never_trains(uninterrupted)
   assert results['base_fingerprint'] == meta['base_fingerprint']['id']
 
 
+@pytest.mark.slow(seconds=31)
 def test_killed_and_resumed_it_ends_bit_identical(uninterrupted, data_dir, tmp_path):
   seed = int(time.time())
   kill_at = random.Random(seed).randrange(EVERY + 1, NUM_STEPS - 1)
@@ -125,6 +127,7 @@ def test_killed_and_resumed_it_ends_bit_identical(uninterrupted, data_dir, tmp_p
   assert steps == list(range(1, NUM_STEPS + 1)), f'seed {seed}'
 
 
+@pytest.mark.slow(seconds=43)
 def test_the_ssl_study_adapts_the_written_base_and_a_random_one_under_their_fingerprints(
     uninterrupted, data_dir, tmp_path):
   """configs/study.py:ssl's plumbing at tiny size: the study finds the base launch/pretrain.py
@@ -166,6 +169,7 @@ def test_the_ssl_study_adapts_the_written_base_and_a_random_one_under_their_fing
   assert re.search(r'^\| random \| tpa \| ', table, flags=re.M)
 
 
+@pytest.mark.slow(seconds=71)
 def test_two_processes_pretrain_as_one_does(uninterrupted, data_dir, tmp_path):
   """Two JAX processes on localhost, one CPU device each, split every batch and end where the
   one-device run ends: a row's masked spans, noise and targets do not depend on the process

@@ -63,6 +63,7 @@ def tiny_study(tmp_path_factory):
   return str(root / 'a'), stdout
 
 
+@pytest.mark.slow(seconds=237)
 def test_tiny_study_end_to_end_rerun_and_resume(tiny_study, tmp_path):
   workdir, first_stdout = tiny_study
   rows = rows_of(workdir)
@@ -204,6 +205,7 @@ def test_bad_names_are_refused_before_anything_runs(tmp_path):
   runner.check_workdir(changed, str(tmp_path / 'w'))
 
 
+@pytest.mark.slow(seconds=24)
 def test_a_failed_cell_is_recorded_and_the_study_goes_on(tiny_study, tmp_path):
   workdir, _ = tiny_study
   other = str(tmp_path / 'failing')
@@ -300,6 +302,7 @@ def test_workers_take_each_cell_once_and_wait_for_the_grids_of_others(tmp_path):
   assert s._next(alone, '') is None and alone == []
 
 
+@pytest.mark.slow(seconds=131)
 def test_the_scale_variant_compares_bases_of_several_sizes(tmp_path):
   """A base per size, each pre-trained once and cached in its folder, one corpus for all; the
   table has TPA's gap to full fine-tuning per base."""
@@ -325,6 +328,7 @@ def test_the_scale_variant_compares_bases_of_several_sizes(tmp_path):
   assert all(r['base_pretrain_loss'] > 0 for r in rows)
 
 
+@pytest.mark.slow(seconds=63)
 def test_the_top_k_and_bottleneck_curves(tiny_study, tmp_path):
   """The full variant's curves: TPA on the top k blocks and with bottleneck r, in study.md
   (k = every block and the study's own r being `tpa`) and in the plots."""
@@ -346,6 +350,7 @@ def test_the_top_k_and_bottleneck_curves(tiny_study, tmp_path):
     assert os.path.exists(os.path.join(other, name)), name
 
 
+@pytest.mark.slow(seconds=47)
 def test_a_study_on_a_domain_of_a_users_file_beside_a_manifest_task(tmp_path):
   """A user's domains file adds to the built-in domains (it holds the tiny ones and a new one:
   the base still pre-trains on source_tiny), and a manifest task runs in the same study."""
