@@ -8,10 +8,15 @@ Runs each cell (task x method x seed) as an ordinary run in `<workdir>/cells/...
 `study.json`, `study.md` and the plots into --workdir. A re-run skips finished cells and resumes
 an interrupted one. `--cells=target_lang/*,*/tpa/*` runs a subset (patterns over
 `task/method/seed=N`), so machines sharing one workdir can split a study; `--report` rebuilds the
-table and plots from the cells that exist.
+table and plots from the cells that exist. `--publish=docs/results/NAME` then copies `study.md`
+and the plots there under a header with the study's command, commit, machine and times (from
+`<workdir>/provenance.json`) and `--publish_quiet` (whether nothing else ran beside it):
+  python launch/study.py --report --workdir=runs/study --publish=docs/results/default \
+      --publish_quiet=yes
 """
 
 import os
+import shlex
 import sys
 
 from absl import app, flags
@@ -24,6 +29,11 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/study.py',
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/study', 'Directory of the study.')
 _CELLS = flags.DEFINE_list('cells', [], 'Glob patterns over task/method/seed=N: run only these.')
 _REPORT = flags.DEFINE_bool('report', False, 'Only rebuild study.json, study.md and the plots.')
+_PUBLISH = flags.DEFINE_string('publish', '', 'After the run or report: copy study.md and the '
+                               'plots, under their provenance, to this folder.')
+_PUBLISH_QUIET = flags.DEFINE_enum('publish_quiet', 'unknown', ['yes', 'no', 'unknown'],
+                                   'For --publish: whether the study ran with nothing else on '
+                                   'the machine (its times are comparable only then).')
 _WORKER = flags.DEFINE_string('worker', '', 'Internal (set by the study for its worker '
                               'processes): the folder where they claim cells.')
 
@@ -39,6 +49,11 @@ def main(argv):
   cli.quiet_library_logs()
   launch.main(_CONFIG.value, _WORKDIR.value, cells=_CELLS.value, report_only=_REPORT.value,
               argv=sys.argv, worker=_WORKER.value)
+  if _PUBLISH.value and not _WORKER.value:
+    from tpa_jax.study import publish  # pylint: disable=import-outside-toplevel
+    written = publish.publish(_WORKDIR.value, _PUBLISH.value, quiet=_PUBLISH_QUIET.value,
+                              publish_command=shlex.join(['python', *sys.argv]))
+    print('published: ' + ', '.join(written))
 
 
 if __name__ == '__main__':

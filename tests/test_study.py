@@ -20,7 +20,7 @@ from tpa_jax.data import random_task
 from tpa_jax.errors import ConfigError, UserError
 from tpa_jax.programs import demo
 from tpa_jax.study import cells as cells_lib
-from tpa_jax.study import runner, scoring
+from tpa_jax.study import publish, runner, scoring
 from tpa_jax.train import trainer as trainer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,6 +139,36 @@ def _walk(root):
   for folder, _, files in os.walk(root):
     for name in files:
       yield os.path.join(folder, name)
+
+
+def test_a_published_study_is_its_own_table_and_plots_under_their_provenance(tiny_study,
+                                                                             tmp_path):
+  workdir, _ = tiny_study
+  first = json.load(open(os.path.join(workdir, 'provenance.json')))['launches'][0]
+  assert first['command'].startswith('python launch/study.py --config=configs/study.py:tiny')
+  head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                        text=True).stdout.strip()
+  assert first['commit'].split('+')[0] == head and first['finished'] >= first['started']
+  assert f'{os.cpu_count()} CPU cores' in first['machine']
+  dest = tmp_path / 'docs' / 'results' / 'tiny'
+  dest.mkdir(parents=True)
+  (dest / 'stale.png').write_bytes(b'from an earlier publication')
+  written = publish.publish(workdir, str(dest), quiet='no', publish_command='python x --publish')
+  assert sorted(os.path.basename(p) for p in written) == ['pareto.png', 'pruning.png', 'study.md']
+  assert sorted(os.listdir(dest)) == ['pareto.png', 'pruning.png', 'study.md']
+  for name in ('pareto.png', 'pruning.png'):
+    assert (dest / name).read_bytes() == open(os.path.join(workdir, name), 'rb').read()
+  page = (dest / 'study.md').read_text()
+  table = open(os.path.join(workdir, 'study.md')).read()
+  assert table.removeprefix('# Study\n').strip() in page  # copied, every line of it
+  assert page.startswith('# Study results: tiny\n')
+  assert 'Published by `python x --publish`' in page
+  assert f"Run by `{first['command']}`" in page and f"at commit {first['commit']}" in page
+  assert 'Quiet: no' in page and '![pareto](pareto.png)' in page
+  with pytest.raises(ConfigError, match=r"--publish_quiet='maybe': accepted values are"):
+    publish.publish(workdir, str(dest), quiet='maybe')
+  with pytest.raises(ConfigError, match='nothing to publish: .* does not exist'):
+    publish.publish(str(tmp_path / 'no_study'), str(dest))
 
 
 def test_the_best_validation_step_is_the_one_that_scores_test(tiny_study, mesh1):

@@ -12,6 +12,7 @@ import ml_collections
 
 from tpa_jax.errors import ConfigError
 from tpa_jax.study import base as base_lib
+from tpa_jax.study import publish
 from tpa_jax.study import report
 from tpa_jax.study.runner import Study, validate
 from tpa_jax.train.metrics import write_json
@@ -75,6 +76,15 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, cells=(),
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   if config.study.scale_models and config.study.bases:
     raise ConfigError('study.scale_models and study.bases each run one study per base; set one')
+  if report_only or worker:
+    return _main(config, workdir, cells, report_only, argv, worker)
+  publish.record_start(workdir, list(argv))  # (the command, commit and machine of its figures)
+  rows = _main(config, workdir, cells, report_only, argv, worker)
+  publish.record_finish(workdir)
+  return rows
+
+
+def _main(config, workdir, cells, report_only, argv, worker) -> list[dict]:
   if not config.study.scale_models and not config.study.bases:
     return _one(config, workdir, cells, report_only, argv, worker)
   if config.study.bases:
