@@ -138,6 +138,7 @@ def publish(workdir: str, dest: str, *, quiet: str = 'unknown', publish_command:
   if not os.path.exists(source):
     raise ConfigError(f'nothing to publish: {source} does not exist (run the study, or '
                       '--report on its workdir, first)')
+  top = header(workdir, dest, quiet, publish_command)  # (the commit before dest changes)
   os.makedirs(dest, exist_ok=True)
   for old in glob.glob(os.path.join(dest, '*.png')) + glob.glob(os.path.join(dest, 'study.md')):
     os.remove(old)
@@ -149,7 +150,7 @@ def publish(workdir: str, dest: str, *, quiet: str = 'unknown', publish_command:
   images = ''.join(f'![{os.path.basename(p)[:-4]}]({os.path.basename(p)})\n\n' for p in plots)
   written = [os.path.join(dest, 'study.md')]
   with open(written[0], 'w') as f:
-    f.write(header(workdir, dest, quiet, publish_command) + '\n' + table.rstrip('\n') + '\n\n' +
+    f.write(top + '\n' + table.rstrip('\n') + '\n\n' +
             images)
   for p in plots:
     written.append(shutil.copy(p, os.path.join(dest, os.path.basename(p))))
