@@ -33,13 +33,15 @@ def _git(*args: str) -> str | None:
   return out.stdout.strip()
 
 
-def commit() -> str | None:
-  """HEAD of the checkout tpa_jax runs from, with '+changes' when tracked files differ from it;
-  None outside a git checkout."""
+def commit(exclude: str = '') -> str | None:
+  """HEAD of the checkout tpa_jax runs from, with '+changes' when tracked files differ from it
+  (outside `exclude`: a publication's own folder); None outside a git checkout."""
   head = _git('rev-parse', '--short', 'HEAD')
   if head is None:
     return None
-  return head + ('+changes' if _git('status', '--porcelain', '--untracked-files=no') else '')
+  paths = ['--', '.', f':(exclude){os.path.abspath(exclude)}'] if exclude else []
+  return head + ('+changes' if _git('status', '--porcelain', '--untracked-files=no', *paths)
+                 else '')
 
 
 def machine() -> str:
@@ -109,7 +111,7 @@ def header(workdir: str, dest: str, quiet: str, publish_command: str) -> str:
   launches = _read(workdir)['launches']
   lines = [f'# Study results: {os.path.basename(os.path.normpath(dest))}', '',
            f'Published by `{publish_command}` from the study\'s own `study.md` and plots '
-           f'(copied, not retyped) on {_now()}, at commit {commit() or "(not a git checkout)"}.',
+           f'(copied, not retyped) on {_now()}, at commit {commit(dest) or "(not a git checkout)"}.',
            '']
   if launches:
     for i, launch in enumerate(launches):
