@@ -34,12 +34,13 @@ def _git(*args: str) -> str | None:
 
 
 def commit(exclude: str = '') -> str | None:
-  """HEAD of the checkout tpa_jax runs from, with '+changes' when tracked files differ from it
-  (outside `exclude`: a publication's own folder); None outside a git checkout."""
+  """HEAD of the checkout tpa_jax runs from, with '+changes' when tracked files outside docs/
+  (which no figure depends on) and `exclude` differ from it; None outside a git checkout."""
   head = _git('rev-parse', '--short', 'HEAD')
   if head is None:
     return None
-  paths = ['--', '.', f':(exclude){os.path.abspath(exclude)}'] if exclude else []
+  paths = ['--', '.', ':(exclude)docs'] + ([f':(exclude){os.path.abspath(exclude)}']
+                                           if exclude else [])
   return head + ('+changes' if _git('status', '--porcelain', '--untracked-files=no', *paths)
                  else '')
 
