@@ -169,7 +169,8 @@ def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, args, messag
     ('launch/train.py', ('--config=configs/tiny.py:model', '--workdir=unused'),
      "--config=configs/tiny.py:model: config argument 'model' is not key=value"),
     ('launch/train.py', ('--config=configs/tiny.py:blocks=2,3,9', '--workdir=unused'),
-     'adapter.blocks=[2, 3, 9]: 9 is not a block of a model with 4 blocks'),
+     '--config=configs/tiny.py:blocks=2,3,9: adapter.blocks=[2, 3, 9]: 9 is not a block of a '
+     'model with 4 blocks'),
 ])
 def test_mistakes_before_the_run_starts_are_one_line(program, args, message):
   result = run(program, *args, timeout=120)
