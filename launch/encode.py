@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from tpa_jax import convert
-from tpa_jax.infer import encode
+from tpa_jax.serve import encode
 from tpa_jax.programs import cli
 
 _BASE = flags.DEFINE_string('base', None, 'Base directory or checkpoint.')

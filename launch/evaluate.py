@@ -30,7 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tpa_jax import sharding
-from tpa_jax.infer import evaluate
+from tpa_jax.eval import evaluate
 from tpa_jax.programs import cli, distributed
 from tpa_jax.train import trainer as trainer_lib
 

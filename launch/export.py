@@ -12,7 +12,7 @@ adapter: the trained arrays (adapters + head) as flat named tensors with the ada
 re-attaching them checks (placement, resolved blocks, bottleneck, residual weight, activation,
 norm, init, head, base fingerprint). serving: a directory with the
 inference function (features -> logits) serialised by jax.export, the weights it needs, and a
-manifest; `tpa_jax/infer/serving_loader.py` runs it without the rest of tpa_jax. Both come from the
+manifest; `tpa_jax/serve/serving_loader.py` runs it without the rest of tpa_jax. Both come from the
 newest committed checkpoint in --workdir. With --adapters (and --config naming the base), serving
 writes a multi-task bundle instead: the base once, and a function that takes an adapter bank
 of --capacity slots (laid out for the kinds of task of --adapters), each row's task slot and
@@ -26,7 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from tpa_jax import sharding
-from tpa_jax.infer import export, multitask
+from tpa_jax.serve import export, multitask
 from tpa_jax.programs import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (with checkpoints/).')

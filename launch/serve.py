@@ -18,7 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from tpa_jax import sharding
-from tpa_jax.infer import multitask, server
+from tpa_jax.serve import multitask, server
 from tpa_jax.programs import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config of the base (path[:arg]).',

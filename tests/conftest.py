@@ -48,7 +48,7 @@ def trained_task(method: str, overrides: dict, mesh, seed: int = 3, base_seed: i
   (noise added to them) over the tiny base of `base_seed`; spec over base fingerprint 'base-fp'."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from tpa_jax.checkpoint import spec as spec_lib  # pylint: disable=import-outside-toplevel
-  from tpa_jax.infer.export import flat_arrays  # pylint: disable=import-outside-toplevel
+  from tpa_jax.checkpoint.adapter_file import flat_arrays  # pylint: disable=import-outside-toplevel
   from tpa_jax.nn import build  # pylint: disable=import-outside-toplevel
   from tpa_jax.train import partition  # pylint: disable=import-outside-toplevel
   config = tiny_config(method, **overrides)

@@ -46,7 +46,7 @@ class _SlowFirst:
     self.durations: dict[str, list] = {}  # nodeid -> [seconds so far, marked slow]
 
   def pytest_collection_modifyitems(self, items):
-    cache = self.config.cache
+    cache = getattr(self.config, 'cache', None)  # (None under -p no:cacheprovider)
     recorded = cache.get(CACHE_KEY, {}) if cache is not None else {}
 
     def order(item):
@@ -62,7 +62,7 @@ class _SlowFirst:
     self.durations[report.nodeid] = [seconds + report.duration, marked]
 
   def pytest_sessionfinish(self):
-    cache = self.config.cache
+    cache = getattr(self.config, 'cache', None)  # (None under -p no:cacheprovider)
     if not self.durations or cache is None or hasattr(self.config, 'workerinput'):
       return  # (an xdist worker: its controller records what every worker ran)
     recorded = cache.get(CACHE_KEY, {})

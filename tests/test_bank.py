@@ -11,7 +11,7 @@ from flax import nnx
 from conftest import ctc_batch, tiny_config, trained_task
 from tpa_jax.checkpoint import spec as spec_lib
 from tpa_jax.errors import SpecMismatchError
-from tpa_jax.infer import bank as bank_lib
+from tpa_jax.serve import bank as bank_lib
 from tpa_jax.nn import build
 from tpa_jax.nn.params import HeadParam
 

@@ -18,6 +18,7 @@ from flax import nnx
 
 from tpa_jax import checkpoint
 from tpa_jax import sharding
+from tpa_jax.checkpoint import adapter_file
 from tpa_jax.checkpoint import spec as spec_lib
 from tpa_jax.nn import build
 from tpa_jax.nn.params import AdapterParam, HeadParam
@@ -335,13 +336,13 @@ def test_workdir_problems_are_named(tmp_path):
 # -- exports --------------------------------------------------------------------------------------
 
 def test_adapter_export_reattaches_onto_the_same_base_only(uninterrupted, tmp_path):
-  from tpa_jax.infer import export  # pylint: disable=import-outside-toplevel
+  from tpa_jax.serve import export  # pylint: disable=import-outside-toplevel
   out = tmp_path / 'adapters.safetensors'
   result = subprocess.run([sys.executable, 'launch/export.py', f'--workdir={uninterrupted}',
                            '--kind=adapter', f'--output={out}'], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  tensors, meta = export.read_adapters(str(out))
+  tensors, meta = adapter_file.read_adapters(str(out))
   assert (meta['placement'], meta['blocks'], meta['bottleneck']) == ('ff_parallel', 'all', '64')
   assert all('adapter' in k or 'head' in k for k in tensors)
 
@@ -353,9 +354,9 @@ def test_adapter_export_reattaches_onto_the_same_base_only(uninterrupted, tmp_pa
   mask = np.ones((4, 48), bool)
   assert not np.allclose(fresh(features, mask)[0], live(features, mask)[0])
   fingerprint = checkpoint.base_fingerprint(config.model, fresh)
-  export.attach_adapters(str(out), fresh, spec_lib.from_config(config, fingerprint['id']))
-  attached = export.flat_arrays(nnx.state(fresh))
-  for name, array in export.flat_arrays(trainable).items():
+  adapter_file.attach_adapters(str(out), fresh, spec_lib.from_config(config, fingerprint['id']))
+  attached = adapter_file.flat_arrays(nnx.state(fresh))
+  for name, array in adapter_file.flat_arrays(trainable).items():
     np.testing.assert_array_equal(attached[name], array, err_msg=name)
   # (The live model keeps its frozen weights in bf16, the fresh one in f32.)
   np.testing.assert_allclose(fresh(features, mask)[0], live(features, mask)[0], atol=0.05)
@@ -364,12 +365,12 @@ def test_adapter_export_reattaches_onto_the_same_base_only(uninterrupted, tmp_pa
   other = build.create_model(config, mesh)
   other_fp = checkpoint.base_fingerprint(config.model, other)
   with pytest.raises(checkpoint.CheckpointError) as error:
-    export.attach_adapters(str(out), other, spec_lib.from_config(config, other_fp['id']))
+    adapter_file.attach_adapters(str(out), other, spec_lib.from_config(config, other_fp['id']))
   assert meta['base_fingerprint'] in str(error.value) and other_fp['id'] in str(error.value)
 
 
 def test_serving_bundle_runs_without_tpa_jax_and_matches_the_live_model(uninterrupted, tmp_path):
-  from tpa_jax.infer import export  # pylint: disable=import-outside-toplevel
+  from tpa_jax.serve import export  # pylint: disable=import-outside-toplevel
   bundle = tmp_path / 'serving'
   result = subprocess.run([sys.executable, 'launch/export.py', f'--workdir={uninterrupted}',
                            '--kind=serving', f'--output={bundle}'], cwd=ROOT,
@@ -379,7 +380,7 @@ def test_serving_bundle_runs_without_tpa_jax_and_matches_the_live_model(uninterr
                                         'weights.safetensors']
   features = np.random.default_rng(1).normal(size=(3, 40, 80)).astype(np.float32)
   np.save(tmp_path / 'features.npy', features)
-  loader = os.path.join(ROOT, 'tpa_jax', 'infer', 'serving_loader.py')
+  loader = os.path.join(ROOT, 'tpa_jax', 'serve', 'serving_loader.py')
   check = ("import runpy, sys; sys.argv = [{l!r}, {b!r}, {f!r}, {o!r}]; "
            "runpy.run_path({l!r}, run_name='__main__'); "
            "assert not any(m.startswith('tpa_jax') for m in sys.modules), 'imported tpa_jax'")
@@ -415,7 +416,7 @@ def _tree_listing(root):
 @pytest.fixture(scope='module')
 def exported(uninterrupted, tmp_path_factory):
   """The run's adapter export, its config and its spec."""
-  from tpa_jax.infer import export  # pylint: disable=import-outside-toplevel
+  from tpa_jax.serve import export  # pylint: disable=import-outside-toplevel
   out = str(tmp_path_factory.mktemp('export') / 'adapters.safetensors')
   export.export_adapters(str(uninterrupted), out, sharding.make_mesh(devices=jax.devices()[:1]))
   info = checkpoint.RunCheckpointer(os.path.join(uninterrupted, 'checkpoints'), async_save=False,
@@ -458,15 +459,14 @@ def test_resuming_with_any_differing_spec_field_is_refused_by_name(uninterrupted
 @pytest.mark.parametrize('field,value', SPEC_FIELDS)
 def test_attaching_with_any_differing_spec_field_is_refused_before_reading(exported, field,
                                                                             value, monkeypatch):
-  from tpa_jax.infer import export  # pylint: disable=import-outside-toplevel
   path, config, saved = exported
   current = _differing_spec(config, saved, field, value)
 
   def no_arrays(*_):
     raise AssertionError('an array was read before the spec was checked')
-  monkeypatch.setattr(export, 'read_adapters', no_arrays)
+  monkeypatch.setattr(adapter_file, 'read_adapters', no_arrays)
   with pytest.raises(checkpoint.SpecMismatchError) as error:
-    export.attach_adapters(path, None, current)
+    adapter_file.attach_adapters(path, None, current)
   expected = (f'trained on base {saved.base_fingerprint}' if field == 'base.path'
               else f'{field}: export ')
   assert expected in str(error.value), str(error.value)
@@ -481,22 +481,21 @@ def test_block_selections_compare_resolved(exported):
 
 def test_attaching_an_export_that_leaves_a_variable_unset_is_refused(exported, tmp_path):
   from safetensors import numpy as safetensors_np  # pylint: disable=import-outside-toplevel
-  from tpa_jax.infer import export  # pylint: disable=import-outside-toplevel
   path, config, saved = exported
-  tensors, metadata = export.read_adapters(path)
+  tensors, metadata = adapter_file.read_adapters(path)
   dropped = next(name for name in tensors if 'head' in name)
   partial = str(tmp_path / 'partial.safetensors')
   safetensors_np.save_file({k: v for k, v in tensors.items() if k != dropped}, partial, metadata)
   model = build.create_model(config, sharding.make_mesh(devices=jax.devices()[:1]))
-  before = export.flat_arrays(nnx.state(model))
+  before = adapter_file.flat_arrays(nnx.state(model))
   with pytest.raises(checkpoint.SpecMismatchError, match=f'leaves unset: .*{dropped}'):
-    export.attach_adapters(partial, model, saved)
-  for name, array in export.flat_arrays(nnx.state(model)).items():  # nothing was set
+    adapter_file.attach_adapters(partial, model, saved)
+  for name, array in adapter_file.flat_arrays(nnx.state(model)).items():  # nothing was set
     np.testing.assert_array_equal(array, before[name], err_msg=name)
 
 
 def test_an_export_never_replaces_a_directory_that_is_not_its_own(uninterrupted, tmp_path):
-  from tpa_jax.infer import export  # pylint: disable=import-outside-toplevel
+  from tpa_jax.serve import export  # pylint: disable=import-outside-toplevel
   (tmp_path / 'keep.txt').write_text('a run lives here')
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   with pytest.raises(checkpoint.CheckpointError, match='is a directory; pass a file path'):

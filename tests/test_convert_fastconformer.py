@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from tpa_jax import convert
-from tpa_jax.infer import encode
+from tpa_jax.serve import encode
 
 torch = pytest.importorskip('torch', reason='the parity extra (torch, transformers) is not '
                                             'installed: pip install -e .[parity]')

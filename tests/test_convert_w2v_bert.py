@@ -17,7 +17,7 @@ from flax import nnx
 
 from tpa_jax import convert, sharding
 from tpa_jax.convert import w2v_bert
-from tpa_jax.infer import encode
+from tpa_jax.serve import encode
 from tpa_jax.nn import build
 from tpa_jax.train import partition
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tpa_jax.data import tokenizer as tokenizer_lib
-from tpa_jax.infer import decoding
+from tpa_jax.eval import decoding
 
 TOKENS = ['', ' ', 'a', 'b']  # blank, space, two letters
 

@@ -14,7 +14,7 @@ from flax import nnx
 from tpa_jax import checkpoint
 from tpa_jax import sharding
 from tpa_jax.data import random_task
-from tpa_jax.infer import evaluate as evaluation
+from tpa_jax.eval import evaluate as evaluation
 from tpa_jax.nn import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +104,7 @@ def tiny_config_file():
 
 def test_a_run_trained_on_four_devices_is_evaluated_and_exported_on_one(tiny_run, tmp_path):
   """The program builds its mesh from the devices it has, not from the run's 2 x 2 mesh."""
-  from tpa_jax.infer import export  # pylint: disable=import-outside-toplevel
+  from tpa_jax.checkpoint import adapter_file  # pylint: disable=import-outside-toplevel
   on_one = run('launch/evaluate.py', f'--workdir={tiny_run}', '--split=test', devices=1)
   assert on_one.returncode == 0, on_one.stderr[-3000:]
   one, four = json.loads(on_one.stdout.splitlines()[-1]), evaluate(f'--workdir={tiny_run}')
@@ -117,7 +117,7 @@ def test_a_run_trained_on_four_devices_is_evaluated_and_exported_on_one(tiny_run
     result = run('launch/export.py', f'--workdir={tiny_run}', '--kind=adapter', f'--output={out}',
                  devices=devices)
     assert result.returncode == 0, result.stderr[-3000:]
-    outputs[devices], _ = export.read_adapters(str(out))
+    outputs[devices], _ = adapter_file.read_adapters(str(out))
   assert outputs[1].keys() == outputs[4].keys()
   for name in outputs[1]:
     np.testing.assert_array_equal(outputs[1][name], outputs[4][name], err_msg=name)

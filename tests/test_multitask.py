@@ -15,10 +15,12 @@ import pytest
 
 from conftest import free_port, tiny_config, trained_task
 from tpa_jax import checkpoint, sharding
+from tpa_jax.checkpoint import adapter_file
 from tpa_jax.data import pcm
 from tpa_jax.data.tokenizer import CharTokenizer
 from tpa_jax.errors import SpecMismatchError, UserError
-from tpa_jax.infer import decoding, export, multitask
+from tpa_jax.eval import decoding
+from tpa_jax.serve import multitask
 from tpa_jax.audio.featurizer import featurizer as make_featurizer
 from tpa_jax.nn import build
 from tpa_jax.train import trainer as trainer_lib
@@ -61,7 +63,7 @@ def served(tmp_path_factory, mesh1):
     path = str(root / f'{name}.safetensors')
     kind = {'labels': LABELS} if spec.head_kind == 'classification' else {
         'tokenizer': CharTokenizer(ALPHABET)}
-    export.write_adapters(path, tensors, task_config, spec, fingerprint, 0, **kind)
+    adapter_file.write_adapters(path, tensors, task_config, spec, fingerprint, 0, **kind)
     exports[name], models[name] = path, model
   return config, exports, models, root
 
@@ -132,9 +134,9 @@ def test_lexicon_decoding_carried_by_an_export_equals_the_task_model_decoded_wit
       lambda: [' '.join(w for w, n in words.items() for _ in range(n))])
   assert lexicon['word_counts'] == words
   path = str(tmp_path / 'tpa_lexicon.safetensors')
-  tensors, _ = export.read_adapters(exports['tpa'])
-  spec = export.read_spec(exports['tpa'])
-  export.write_adapters(path, tensors, tiny_config('tpa', **{'adapter.bottleneck': 8}), spec,
+  tensors, _ = adapter_file.read_adapters(exports['tpa'])
+  spec = adapter_file.read_spec(exports['tpa'])
+  adapter_file.write_adapters(path, tensors, tiny_config('tpa', **{'adapter.bottleneck': 8}), spec,
                         {'id': spec.base_fingerprint, 'weights': 'w', 'config': {}}, 0,
                         tokenizer=CharTokenizer(ALPHABET), lexicon=lexicon)
   with pytest.raises(UserError, match=r"decoding='beam': accepted values are \('best_path', "
@@ -190,9 +192,9 @@ def test_tasks_are_added_and_removed_without_compiling_and_bad_ones_refused(serv
     model.remove('lid')
     model.add('serial', exports['serial'])
   other = str(root / 'other.safetensors')
-  tensors, _ = export.read_adapters(exports['tpa'])
-  spec = export.read_spec(exports['tpa'])
-  export.write_adapters(other, tensors, tiny_config('tpa', **{'adapter.bottleneck': 8}),
+  tensors, _ = adapter_file.read_adapters(exports['tpa'])
+  spec = adapter_file.read_spec(exports['tpa'])
+  adapter_file.write_adapters(other, tensors, tiny_config('tpa', **{'adapter.bottleneck': 8}),
                         dataclasses.replace(spec, base_fingerprint='0123456789abcdef'),
                         {'id': '0123456789abcdef', 'weights': 'w', 'config': {}}, 0,
                         tokenizer=CharTokenizer(ALPHABET))
@@ -205,7 +207,7 @@ def test_tasks_are_added_and_removed_without_compiling_and_bad_ones_refused(serv
   # The batcher: requests of a task removed while they wait get a 404 (never another task's
   # output, though another task took the slot); a failed batch answers its requests with the
   # error, and the next batch is served.
-  from tpa_jax.infer import server
+  from tpa_jax.serve import server
   model.add('lid', exports['lid'])
   batcher = server.Batcher(model, max_wait_ms=1500)
   try:
@@ -378,7 +380,7 @@ def test_a_multitask_bundle_runs_a_mixed_batch_with_the_loader_alone(served, tmp
   import shutil
 
   from conftest import ctc_batch
-  from tpa_jax.infer import serving_loader
+  from tpa_jax.serve import serving_loader
   from tpa_jax.nn import adapters as adapters_lib
   assert serving_loader.PLACEMENT_SLOTS == adapters_lib.PLACEMENTS
   config, exports, models, _ = served
@@ -395,7 +397,7 @@ def test_a_multitask_bundle_runs_a_mixed_batch_with_the_loader_alone(served, tmp
   batch = ctc_batch(config, seed=5, batch_size=3, num_frames=48)
   np.save(tmp_path / 'features.npy', batch['features'])
   np.save(tmp_path / 'mask.npy', batch['feature_mask'])
-  shutil.copy(os.path.join(root, 'tpa_jax/infer/serving_loader.py'), tmp_path / 'loader.py')
+  shutil.copy(os.path.join(root, 'tpa_jax/serve/serving_loader.py'), tmp_path / 'loader.py')
   script = f'''
 import sys, numpy as np
 import loader

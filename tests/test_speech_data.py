@@ -17,8 +17,8 @@ from tpa_jax.data import datasets, pipeline, speech_corpus, synthesis
 from tpa_jax.data import pcm as audio_lib
 from tpa_jax.data import tokenizer as tokenizer_lib
 from tpa_jax.data.text import SentenceGenerator
-from tpa_jax.infer import decoding
-from tpa_jax.infer import scoring
+from tpa_jax.eval import decoding
+from tpa_jax.eval import scoring
 
 
 def small_domain(**fields):

@@ -1,6 +1,9 @@
-"""Variable types that decide what trains: adapters and task heads are their own kinds of Param."""
+"""Variable types that decide what trains: adapters and task heads are their own kinds of Param,
+and the filters (`train.trainable`) that select them."""
 
 from flax import nnx
+
+from tpa_jax.errors import ConfigError
 
 
 class AdapterParam(nnx.Param):
@@ -14,3 +17,17 @@ class LoRAParam(AdapterParam):
 
 class HeadParam(nnx.Param):
   """A weight of a task head (CTC projection, classifier); trained with the adapters."""
+
+
+# train.trainable -> the variable types that get gradients and optimizer state.
+TRAINABLE = {
+    'adapters': nnx.Any(AdapterParam, HeadParam),  # TPA and the other adapter methods
+    'head': HeadParam,  # linear probing
+    'full': nnx.Param,  # full fine-tuning: every weight (nnx.Param also matches its subclasses)
+}
+
+
+def trainable_filter(name: str):
+  if name not in TRAINABLE:
+    raise ConfigError(f'train.trainable={name!r}: accepted values are {tuple(TRAINABLE)}')
+  return TRAINABLE[name]

@@ -26,7 +26,7 @@ from tpa_jax import checkpoint, sharding
 from tpa_jax import config as config_lib
 from tpa_jax.audio.featurizer import featurizer, output_frames
 from tpa_jax.data import datasets
-from tpa_jax.infer import decoding, scoring
+from tpa_jax.eval import decoding, scoring
 from tpa_jax.nn import build
 from tpa_jax.train import loop as training
 from tpa_jax.train import trainer as trainer_lib

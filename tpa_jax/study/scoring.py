@@ -36,7 +36,7 @@ def score(config: ml_collections.ConfigDict, folder: str, mesh, *, pruning: bool
   its adapters removed from the lowest k blocks, k = 0 .. N, and from the highest k (no
   retraining): which end of the encoder the adapters matter at."""
   from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
-  from tpa_jax.infer import evaluate  # pylint: disable=import-outside-toplevel
+  from tpa_jax.eval import evaluate  # pylint: disable=import-outside-toplevel
   from tpa_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(config.to_dict())
   split = 'test'

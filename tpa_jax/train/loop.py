@@ -166,7 +166,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       writer = MetricsWriter(workdir)
       writer.truncate_after(start)  # steps after the checkpoint are run again
       if eval_every:
-        from tpa_jax.infer import evaluate  # pylint: disable=import-outside-toplevel
+        from tpa_jax.eval import evaluate  # pylint: disable=import-outside-toplevel
         scored = validation.validation_config(config)
         best = validation.BestStep(
             workdir, config.head.kind, writer=writer, run_info=record,
@@ -216,7 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   if finish is not None and not preemption.requested:
     results.update(finish(trainer) or {})
   if scored_head and config.data.eval_split and not preemption.requested:
-    from tpa_jax.infer import evaluate  # pylint: disable=import-outside-toplevel
+    from tpa_jax.eval import evaluate  # pylint: disable=import-outside-toplevel
     results['eval'] = evaluate.evaluate_speech(config, trainer.model(), trainer.featurizer,
                                                mesh, data, tokenizer, config.data.eval_split)
     results['eval']['step'] = (best.best['step'] if best is not None

@@ -7,20 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpa_jax.errors import ConfigError
-from tpa_jax.nn.params import AdapterParam, HeadParam
-
-# train.trainable -> the variable types that get gradients and optimizer state.
-TRAINABLE = {
-    'adapters': nnx.Any(AdapterParam, HeadParam),  # TPA and the other adapter methods
-    'head': HeadParam,  # linear probing
-    'full': nnx.Param,  # full fine-tuning: every weight (nnx.Param also matches its subclasses)
-}
-
-
-def trainable_filter(name: str):
-  if name not in TRAINABLE:
-    raise ConfigError(f'train.trainable={name!r}: accepted values are {tuple(TRAINABLE)}')
-  return TRAINABLE[name]
+from tpa_jax.nn.params import TRAINABLE, AdapterParam, trainable_filter  # noqa: F401
 
 
 def frozen_filter(trainable):

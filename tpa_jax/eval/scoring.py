@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tpa_jax import sharding
 from tpa_jax.audio.featurizer import Featurizer
-from tpa_jax.infer import decoding
+from tpa_jax.eval import decoding
 from tpa_jax.train.step import batch_inputs, batch_shardings
 
 

@@ -1,7 +1,7 @@
 """Many tasks over one frozen encoder: the host side of an adapter bank.
 
 `MultiTaskModel` loads the base once (sharded on a mesh by the training rules), holds a bank of
-fixed capacity and layout (`tpa_jax.infer.bank`), and adds or removes tasks from adapter exports
+fixed capacity and layout (`tpa_jax.serve.bank`), and adds or removes tasks from adapter exports
 by writing slots. `infer` runs utterances, each with one or more tasks: audio is padded to a
 length bucket and rows to a batch bucket, so every call runs one of the programs `warmup`
 compiled. The frozen prefix (frontend and the blocks below the lowest adapted block of a
@@ -27,12 +27,13 @@ import numpy as np
 
 from tpa_jax import checkpoint, sharding
 from tpa_jax.audio.featurizer import featurizer as make_featurizer
+from tpa_jax.checkpoint import adapter_file
 from tpa_jax.checkpoint.spec import AdapterSpec
 from tpa_jax.data import pcm
 from tpa_jax.data import tokenizer as tokenizer_lib
 from tpa_jax.errors import CheckpointError, SpecMismatchError, UserError
-from tpa_jax.infer import bank as bank_lib
-from tpa_jax.infer import decoding, export
+from tpa_jax.eval import decoding
+from tpa_jax.serve import bank as bank_lib
 from tpa_jax.train import trainer as trainer_lib
 
 
@@ -85,8 +86,8 @@ class SlotError(UserError):
 def read_task(path: str) -> tuple[AdapterSpec, dict[str, np.ndarray], object | None,
                                   list[str] | None, dict | None]:
   """(spec, tensors, tokenizer, class labels, lexicon decoder settings) of an adapter export."""
-  spec = export.read_spec(path)
-  tensors, metadata = export.read_adapters(path)
+  spec = adapter_file.read_spec(path)
+  tensors, metadata = adapter_file.read_adapters(path)
   tokenizer = labels = None
   lexicon = json.loads(metadata['lexicon']) if 'lexicon' in metadata else None
   if spec.head_kind == 'ctc':
@@ -139,7 +140,7 @@ class MultiTaskModel:
     self.length_buckets = tuple(int(round(s * self.sample_rate_hz))
                                 for s in sorted(config.data.bucket_seconds))
     loaded = {name: read_task(path) for name, path in tasks.items()}
-    reserved = [export.read_spec(path) for path in reserve]
+    reserved = [adapter_file.read_spec(path) for path in reserve]
     self.layout = bank_lib.layout_for([t[0] for t in loaded.values()], cfg.model,
                                       capacity=capacity, reserve=reserved)
     if not (self.layout.vocab_size or self.layout.num_classes):

@@ -39,7 +39,7 @@ from flax import nnx
 
 from tpa_jax.checkpoint.spec import AdapterSpec
 from tpa_jax.errors import SpecMismatchError
-from tpa_jax.infer import serving_loader as loader
+from tpa_jax.serve import serving_loader as loader
 from tpa_jax.nn import adapters as adapters_lib
 from tpa_jax.nn import lora as lora_lib
 from tpa_jax.nn.conformer import ConformerEncoder

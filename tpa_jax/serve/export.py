@@ -1,19 +1,14 @@
-"""Exports of a trained run: adapters as safetensors, and a self-contained serving bundle.
-
-Adapter export: the trained arrays (adapters and head) as flat named tensors, with the adapter
-spec (`tpa_jax.checkpoint.spec`: placement, resolved blocks, bottleneck, residual weight,
-activation, norm, init, head, base fingerprint) and the model config. `attach_adapters` puts
-them onto a model whose config and base have the same spec, and refuses any other.
+"""Exports of a trained run: its adapter file (the format: `tpa_jax/checkpoint/adapter_file.py`),
+and self-contained serving bundles.
 
 Serving bundle (a directory): `function.jaxexport`, the inference function features -> logits
 serialised with `jax.export` (batch and frame counts symbolic), `weights.safetensors` with every
-array it needs, and `manifest.json`. `tpa_jax/infer/serving_loader.py` loads and runs it with jax,
+array it needs, and `manifest.json`. `tpa_jax/serve/serving_loader.py` loads and runs it with jax,
 numpy and safetensors alone.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from typing import Sequence
@@ -24,28 +19,17 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from safetensors import numpy as safetensors_np
-from safetensors import safe_open
 
 from tpa_jax import checkpoint, sharding
+from tpa_jax.checkpoint import adapter_file
 from tpa_jax.checkpoint import spec as spec_lib
-from tpa_jax.checkpoint.base import remove, swap_into_place
 from tpa_jax.errors import CheckpointError, SpecMismatchError
-from tpa_jax.infer import decoding
-from tpa_jax.train import partition
+from tpa_jax.eval import decoding
+from tpa_jax.serve import bank as bank_lib
+from tpa_jax.serve import multitask, serving_loader
 from tpa_jax.train import trainer as trainer_lib
 
-ADAPTER_FORMAT = 'tpa_jax.adapters/1'
 BUNDLE_FORMAT = 'tpa_jax.serving/1'
-
-
-def _name(path) -> str:
-  return '/'.join(str(k) for k in path)
-
-
-def flat_arrays(state: nnx.State) -> dict[str, np.ndarray]:
-  """'encoder/blocks/0/...': host array, for every variable of `state`."""
-  return {_name(path): np.asarray(jax.device_get(v[...]))
-          for path, v in nnx.to_flat_state(state)}
 
 
 def load_run(workdir: str, mesh: jax.sharding.Mesh | None = None):
@@ -75,9 +59,9 @@ def export_adapters(workdir: str, output: str, mesh: jax.sharding.Mesh | None = 
   that attaching them checks and what decodes the head's outputs (the tokenizer of a CTC head,
   the class names of a classifier); returns its metadata."""
   config, _, trainable, info, step = load_run(workdir, mesh)
-  return write_adapters(output, flat_arrays(trainable), config, checkpoint.saved_spec(info),
-                        info['base_fingerprint'], step,
-                        **decoding_of(config, workdir, mesh or sharding.make_mesh()))
+  return adapter_file.write_adapters(
+      output, adapter_file.flat_arrays(trainable), config, checkpoint.saved_spec(info),
+      info['base_fingerprint'], step, **decoding_of(config, workdir, mesh or sharding.make_mesh()))
 
 
 def decoding_of(config: ml_collections.ConfigDict, workdir: str,
@@ -97,99 +81,6 @@ def decoding_of(config: ml_collections.ConfigDict, workdir: str,
   return {'labels': data.class_names}
 
 
-def write_adapters(output: str, tensors: dict[str, np.ndarray], config, spec: spec_lib.AdapterSpec,
-                   fingerprint: dict, step: int, *, tokenizer=None,
-                   labels: Sequence[str] | None = None, lexicon: dict | None = None) -> dict:
-  """Writes an adapter export: `tensors` (adapter and head arrays by state path) with `spec`,
-  the base's `fingerprint`, and the tokenizer or class labels that decode the head (and a CTC
-  run's lexicon decoder, `decoding.lexicon_settings`, when it decodes with one)."""
-  metadata = {
-      'format': ADAPTER_FORMAT, 'step': str(step), 'spec': json.dumps(spec.to_json()),
-      'placement': config.adapter.placement, 'blocks': str(config.adapter.blocks),
-      'bottleneck': str(config.adapter.bottleneck), 'trainable': config.train.trainable,
-      'base_fingerprint': fingerprint['id'], 'base_weights_digest': fingerprint['weights'],
-      'adapter': json.dumps(config.adapter.to_dict()), 'head': json.dumps(config.head.to_dict()),
-      'model': json.dumps(fingerprint['config']),
-  }
-  if tokenizer is not None:
-    metadata['tokenizer'] = base64.b64encode(tokenizer.serialize()).decode('ascii')
-  if labels is not None:
-    metadata['labels'] = json.dumps(list(labels))
-  if lexicon is not None:
-    metadata['lexicon'] = json.dumps(lexicon)
-  _write_atomically(output, lambda path: safetensors_np.save_file(tensors, path, metadata))
-  return {**{k: v for k, v in metadata.items() if k not in ('tokenizer', 'lexicon')},
-          'num_tensors': len(tensors), 'bytes': os.path.getsize(output)}
-
-
-def read_metadata(path: str) -> dict[str, str]:
-  """The metadata of an adapter export, without reading its arrays."""
-  if not os.path.isfile(path):
-    raise CheckpointError(f'no adapter export at {path}: pass a file written by '
-                          'launch/export.py --kind=adapter')
-  try:
-    with safe_open(path, framework='numpy') as f:
-      metadata = f.metadata() or {}
-  except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own types)
-    raise CheckpointError(f'{path} is not a safetensors file ({e})') from e
-  if metadata.get('format') != ADAPTER_FORMAT:
-    raise CheckpointError(f'{path} is not a tpa_jax adapter export (format '
-                          f'{metadata.get("format")!r}, expected {ADAPTER_FORMAT!r})')
-  return metadata
-
-
-def read_spec(path: str) -> spec_lib.AdapterSpec:
-  """The adapter spec recorded in an adapter export (derived from its adapter, head and model
-  fields for exports written before specs were recorded)."""
-  metadata = read_metadata(path)
-  try:
-    if 'spec' in metadata:
-      return spec_lib.AdapterSpec.from_json(json.loads(metadata['spec']))
-    config = ml_collections.ConfigDict({
-        'adapter': json.loads(metadata['adapter']), 'head': json.loads(metadata['head']),
-        'model': {'num_blocks': json.loads(metadata['model'])['num_blocks']},
-        'train': {'trainable': metadata['trainable']}})
-    return spec_lib.from_config(config, metadata['base_fingerprint'])
-  except (ValueError, KeyError, TypeError) as e:  # (json.JSONDecodeError is a ValueError)
-    raise CheckpointError(f'{path} has unreadable adapter metadata ({type(e).__name__}: {e}); '
-                          're-export it with launch/export.py') from e
-
-
-def read_adapters(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  """(tensors, metadata) of an adapter export."""
-  metadata = read_metadata(path)
-  with safe_open(path, framework='numpy') as f:
-    tensors = {k: f.get_tensor(k) for k in f.keys()}
-  return tensors, metadata
-
-
-def attach_adapters(path: str, model: nnx.Module, spec: spec_lib.AdapterSpec) -> None:
-  """Sets `model`'s adapter and head arrays from an adapter export. Refuses, before reading any
-  array, an export whose spec differs from `spec` (this config's, over this base), and after,
-  an export that leaves an adapter or head variable of the model unset."""
-  spec_lib.check(read_spec(path), spec, what=path, saved_as='export')
-  tensors, _ = read_adapters(path)
-  by_name = {_name(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
-  trained = {_name(p) for p, _ in nnx.to_flat_state(
-      nnx.state(model, partition.trainable_filter(spec.trainable)))}
-  extra = sorted(set(tensors) - set(by_name))
-  unset = sorted(trained - set(tensors))
-  if extra or unset:
-    raise SpecMismatchError(
-        f'{path} does not fit this model: ' +
-        '; '.join(([f'arrays the model lacks: {extra[:5]}'] if extra else []) +
-                  ([f'adapter or head variables it leaves unset: {unset[:5]}'] if unset else []))
-        + '. Use the config the adapters were trained with.')
-  for name, array in tensors.items():
-    var = by_name[name]
-    if tuple(var[...].shape) != array.shape:
-      raise SpecMismatchError(f'{path}: {name} has shape {array.shape} in the export, '
-                              f'{tuple(var[...].shape)} in the model')
-  for name, array in tensors.items():
-    var = by_name[name]
-    var.set_value(jax.device_put(jnp.asarray(array, var[...].dtype), var[...].sharding))
-
-
 def export_serving(workdir: str, output: str,
                    platforms: Sequence[str] = ('cpu', 'cuda', 'tpu'),
                    mesh: jax.sharding.Mesh | None = None) -> dict:
@@ -197,11 +88,11 @@ def export_serving(workdir: str, output: str,
   manifest."""
   config, model, _, info, step = load_run(workdir, mesh)
   graphdef, state = nnx.split(model)
-  weights = flat_arrays(state)
+  weights = adapter_file.flat_arrays(state)
 
   def serve(weights, features, mask):
     flat = nnx.to_flat_state(state)
-    values = [(p, v.replace(weights[_name(p)])) for p, v in flat]
+    values = [(p, v.replace(weights[adapter_file.state_name(p)])) for p, v in flat]
     logits, out_mask = nnx.merge(graphdef, nnx.from_flat_state(values))(features, mask)
     return logits.astype(jnp.float32), out_mask
 
@@ -236,21 +127,18 @@ def export_multitask(config: ml_collections.ConfigDict, adapters: dict[str, str]
   the utterance, row and frame counts symbolic. The bank's layout (`manifest.json`) holds the
   kinds of task of `adapters` (exports of that base) in `capacity` slots; a task is added to a
   loaded bundle from its adapter export alone (serving_loader.MultiTaskBundle.add)."""
-  from tpa_jax.infer import bank as bank_lib  # pylint: disable=import-outside-toplevel
-  from tpa_jax.infer import multitask  # pylint: disable=import-outside-toplevel
-  from tpa_jax.infer import serving_loader  # pylint: disable=import-outside-toplevel
   mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
   cfg = multitask.base_config(config)
   model = trainer_lib.load_model(cfg, mesh)
   fingerprint = checkpoint.base_fingerprint(cfg.model, model)
-  specs = {name: read_spec(path) for name, path in adapters.items()}
+  specs = {name: adapter_file.read_spec(path) for name, path in adapters.items()}
   for name, spec in specs.items():
     if spec.base_fingerprint != fingerprint['id']:
       raise SpecMismatchError(f'{adapters[name]} was trained on base {spec.base_fingerprint}, '
                               f'the bundle\'s base is {fingerprint["id"]}')
   layout = bank_lib.layout_for(specs.values(), cfg.model, capacity=capacity)
   graphdef, state = nnx.split(model.encoder)
-  weights = flat_arrays(state)
+  weights = adapter_file.flat_arrays(state)
   flat_state = nnx.to_flat_state(state)
   bank_shapes = serving_loader.flatten(serving_loader.map_with_path(
       lambda leaf, _: jax.ShapeDtypeStruct(leaf[0], jnp.float32), bank_lib.shapes(layout)))
@@ -258,7 +146,7 @@ def export_multitask(config: ml_collections.ConfigDict, adapters: dict[str, str]
 
   def serve(weights, bank, features, mask, row_utterance, task_ids, depth):
     encoder = nnx.merge(graphdef, nnx.from_flat_state(
-        [(p, v.replace(weights[_name(p)])) for p, v in flat_state]))
+        [(p, v.replace(weights[adapter_file.state_name(p)])) for p, v in flat_state]))
     tree: dict = {}
     for key, value in bank.items():
       *parents, leaf = key.split('.')
@@ -308,26 +196,8 @@ def _write_bundle(output: str, exported, weights: dict[str, np.ndarray], weights
     with open(os.path.join(path, 'manifest.json'), 'w') as f:
       json.dump(manifest, f, indent=2)
 
-  _write_atomically(output, write, bundle=True)
+  adapter_file.write_atomically(output, write, bundle=True)
   sizes = {name: os.path.getsize(os.path.join(output, name)) for name in os.listdir(output)}
   return {**manifest, 'bytes': sizes}
 
 
-def _write_atomically(output: str, write, *, bundle: bool = False) -> None:
-  """`write(tmp)`, then the result replaces `output` only once it is complete: a failed export
-  never leaves half a file, nor loses the previous one. Only an earlier export of the same
-  kind is replaced (a file, or a serving bundle directory), never another directory."""
-  output = os.path.abspath(output)
-  if not os.path.isdir(os.path.dirname(output)):
-    raise CheckpointError(f'the folder of --output={output} does not exist')
-  if bundle and os.path.exists(output) and not os.path.isfile(
-      os.path.join(output, 'manifest.json')):
-    raise CheckpointError(f'--output={output} exists and is not a serving bundle; pass a new '
-                          'path (only an earlier bundle is replaced)')
-  if not bundle and os.path.isdir(output):
-    raise CheckpointError(f'--output={output} is a directory; pass a file path such as '
-                          f'{os.path.join(output, "adapters.safetensors")}')
-  tmp = output + '.partial'
-  remove(tmp)
-  write(tmp)
-  swap_into_place(tmp, output)

@@ -20,10 +20,11 @@ from flax import nnx
 
 from tpa_jax import checkpoint, sharding
 from tpa_jax.audio.featurizer import Featurizer
+from tpa_jax.checkpoint import adapter_file
 from tpa_jax.checkpoint import spec as spec_lib
 from tpa_jax.data import random_task
 from tpa_jax.errors import CheckpointError, ConfigError
-from tpa_jax.infer import decoding, export, scoring
+from tpa_jax.eval import decoding, scoring
 from tpa_jax.train import trainer as trainer_lib
 from tpa_jax.train.metrics import write_json
 
@@ -82,7 +83,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # -- what is evaluated: its spec is checked before the base or any adapter is read --------
     if adapters_path:
-      saved = export.read_spec(adapters_path)
+      saved = adapter_file.read_spec(adapters_path)
       spec_lib.check(saved, spec_lib.from_config(config, saved.base_fingerprint),
                      what=adapters_path, saved_as='export')
     elif reader is not None:
@@ -99,7 +100,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     step = None
     if adapters_path:
       model = trainer.model()
-      export.attach_adapters(adapters_path, model, current)
+      adapter_file.attach_adapters(adapters_path, model, current)
       evaluated = 'adapters'
       logging.info('evaluating %s over the base %s on %s', adapters_path, config.base.path, split)
     elif reader is not None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from tpa_jax.data import pcm
 from tpa_jax.errors import SpecMismatchError, UserError
-from tpa_jax.infer.multitask import (AudioLengthError, MultiTaskModel, SlotError,
+from tpa_jax.serve.multitask import (AudioLengthError, MultiTaskModel, SlotError,
                                      UnknownTaskError)
 
 # Upper bounds of the batch-size histogram (rows).
