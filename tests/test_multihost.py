@@ -81,6 +81,7 @@ def runs(tmp_path_factory):
   return built_once(tmp_path_factory, 'multihost', build)[1]
 
 
+@pytest.mark.slow(seconds=87)  # (when it is the test that builds `runs`)
 def test_sigterm_to_one_process_stops_every_process_at_one_saved_step(runs):
   stopped_at = runs['stopped_at']
   assert len(stopped_at) == 1, stopped_at
