@@ -8,6 +8,7 @@ import pytest
 from conftest import ctc_batch, tiny_config
 from flax import nnx
 
+from tpa_jax.config import selection
 from tpa_jax.nn import adapters
 from tpa_jax.nn import build
 from tpa_jax.nn.params import AdapterParam
@@ -66,14 +67,14 @@ def test_adapter_weights_are_stacked_only_for_selected_blocks(mesh1):
     ([7, 1, -8], (0, 1, 7)), (3, (3,)),
 ])
 def test_parse_blocks(text, want):
-  assert adapters.parse_blocks(text, 8) == want
+  assert selection.parse_blocks(text, 8) == want
 
 
 @pytest.mark.parametrize('bad', ['12:24', '9', [8], [-9], '3:1', 'lower', [1, 1], [], '0:8:0',
                                  '1,9', '[]'])
 def test_block_selection_outside_model_is_rejected(bad):
   with pytest.raises(ValueError, match='adapter.blocks'):
-    adapters.parse_blocks(bad, 8)
+    selection.parse_blocks(bad, 8)
 
 
 def test_bad_adapter_configs_name_the_field(mesh1):

@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from tpa_jax.config import selection
 from tpa_jax.errors import SpecMismatchError
 
 
@@ -75,7 +76,6 @@ def from_config(config: ml_collections.ConfigDict, base_fingerprint: str) -> Ada
   """The spec of the model `config` describes, over the base with fingerprint id
   `base_fingerprint`."""
   # Imported here: configs are read without jax (the block parser lives with the modules).
-  from tpa_jax.nn import adapters  # pylint: disable=import-outside-toplevel
   a, h = config.adapter, config.head
   head_size = (h.vocab_size if h.kind == 'ctc' else
                config.ssl.codebook_size * config.ssl.num_codebooks if h.kind == 'best_rq' else
@@ -84,13 +84,12 @@ def from_config(config: ml_collections.ConfigDict, base_fingerprint: str) -> Ada
     adapter = dict(blocks=None, bottleneck=None, residual_weight=None, activation=None,
                    use_norm=None, up_init=None)
   elif a.placement == 'lora':
-    from tpa_jax.nn import lora  # pylint: disable=import-outside-toplevel
-    adapter = dict(blocks=adapters.parse_blocks(a.blocks, config.model.num_blocks),
+    adapter = dict(blocks=selection.parse_blocks(a.blocks, config.model.num_blocks),
                    bottleneck=int(a.bottleneck), residual_weight=None, activation=None,
                    use_norm=None, up_init=None, lora_alpha=float(a.lora_alpha),
-                   lora_targets=lora.parse_targets(a.lora_targets))
+                   lora_targets=selection.parse_targets(a.lora_targets))
   else:
-    adapter = dict(blocks=adapters.parse_blocks(a.blocks, config.model.num_blocks),
+    adapter = dict(blocks=selection.parse_blocks(a.blocks, config.model.num_blocks),
                    bottleneck=int(a.bottleneck), residual_weight=float(a.residual_weight),
                    activation=str(a.activation), use_norm=bool(a.use_norm),
                    up_init=str(a.up_init))

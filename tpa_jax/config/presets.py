@@ -10,6 +10,7 @@ import os
 
 import ml_collections
 
+from tpa_jax.config import selection
 from tpa_jax.config.fields import base_config
 from tpa_jax.config.files import parse_arg
 
@@ -98,9 +99,7 @@ def adapt_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f'blocks= and bottleneck= select adapters, and method={method!r} has none; '
                      f'accepted with: {with_adapters}')
   if 'blocks' in args:
-    # Imported here: config files stay importable without jax until a selection is checked.
-    from tpa_jax.nn import adapters  # pylint: disable=import-outside-toplevel
-    adapters.parse_blocks(args['blocks'], c.model.num_blocks)  # a named error if out of range
+    selection.parse_blocks(args['blocks'], c.model.num_blocks)  # a named error if out of range
     c.adapter.blocks = args['blocks']
   if 'bottleneck' in args:
     c.adapter.bottleneck = _positive_int('bottleneck', args['bottleneck'])

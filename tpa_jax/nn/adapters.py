@@ -6,7 +6,6 @@ init, so an adapted model equals its frozen base exactly at step 0.
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import jax
@@ -42,51 +41,6 @@ def check_placement(placement: str) -> str:
     raise ConfigError(f'adapter.placement={placement!r}: accepted values are '
                      f'{tuple(PLACEMENTS) + OTHER_PLACEMENTS}')
   return placement
-
-
-def parse_blocks(blocks: str | int | Sequence[int], num_blocks: int) -> tuple[int, ...]:
-  """Resolves a block selection to sorted block indices.
-
-  Accepts 'all', a Python slice string ('12:24', ':8', '-4:', '0:24:2'), indices as a string
-  ('5', '0,3,5', '[0, 3]') or a list of ints (negative ones count from the top). Anything outside [0, num_blocks) is an error.
-  """
-  accepted = (f"accepted: 'all', a slice such as '{num_blocks // 2}:{num_blocks}', or a list of "
-              f'indices in [0, {num_blocks})')
-  if isinstance(blocks, str):
-    text = blocks.strip()
-    if text == 'all':
-      return tuple(range(num_blocks))
-    if re.fullmatch(r'\[?\s*-?\d+(\s*,\s*-?\d+)*\s*,?\s*\]?', text):
-      blocks = [int(p) for p in text.strip('[]').split(',') if p.strip()]
-    elif re.fullmatch(r'(-?\d*):(-?\d*)(:(-?\d+))?', text):
-      parts = [int(p) if p else None for p in text.split(':')]
-      start, stop = parts[0], parts[1]
-      step = parts[2] if len(parts) > 2 else None
-      for bound in (start, stop):
-        if bound is not None and not -num_blocks <= bound <= num_blocks:
-          raise ConfigError(f'adapter.blocks={blocks!r} lies outside a model of {num_blocks} '
-                           f'blocks; {accepted}')
-      if step is not None and step <= 0:
-        raise ConfigError(f'adapter.blocks={blocks!r}: the slice step must be positive')
-      indices = tuple(range(num_blocks))[slice(start, stop, step)]
-      if not indices:
-        raise ConfigError(f'adapter.blocks={blocks!r} selects no block of {num_blocks}; {accepted}')
-      return indices
-    else:
-      raise ConfigError(f'adapter.blocks={blocks!r} is not a block selection; {accepted}')
-  if isinstance(blocks, int):
-    blocks = [blocks]
-  indices = []
-  for b in blocks:
-    if isinstance(b, bool) or not isinstance(b, int) or not -num_blocks <= b < num_blocks:
-      raise ConfigError(f'adapter.blocks={list(blocks)!r}: {b!r} is not a block of a model with '
-                       f'{num_blocks} blocks; {accepted}')
-    indices.append(b % num_blocks)
-  if not indices:
-    raise ConfigError(f'adapter.blocks=[] selects no block; {accepted}')
-  if len(set(indices)) != len(indices):
-    raise ConfigError(f'adapter.blocks={list(blocks)!r} names a block twice')
-  return tuple(sorted(indices))
 
 
 class ResidualAdapter(nnx.Module):

@@ -10,9 +10,9 @@ import ml_collections
 from flax import nnx
 
 from tpa_jax import sharding
+from tpa_jax.config import selection
 from tpa_jax.errors import ConfigError
 from tpa_jax.nn import adapters as adapters_lib
-from tpa_jax.nn import lora as lora_lib
 from tpa_jax.nn.lora import BlockLoRA
 from tpa_jax.nn.conformer import ConformerBlock, ConformerEncoder
 from tpa_jax.nn.frontend import (FRONTENDS, Conv2dSubsampling, DepthwiseStridingSubsampling,
@@ -36,7 +36,7 @@ def adapter_blocks(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   if config.adapter.placement == 'none':
     return ()
   adapters_lib.check_placement(config.adapter.placement)
-  return adapters_lib.parse_blocks(config.adapter.blocks, config.model.num_blocks)
+  return selection.parse_blocks(config.adapter.blocks, config.model.num_blocks)
 
 
 def build_model(config: ml_collections.ConfigDict, *, seed: int) -> SpeechModel:
@@ -78,7 +78,7 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int) -> SpeechModel:
   if blocks and a.placement == 'lora':
     make_adapters = functools.partial(
         BlockLoRA, m.dim, m.num_heads, m.ffn_dim, rank=a.bottleneck, alpha=a.lora_alpha,
-        targets=lora_lib.parse_targets(a.lora_targets), dtype=kw['dtype'])
+        targets=selection.parse_targets(a.lora_targets), dtype=kw['dtype'])
   elif blocks:
     # Adapter weights are created in float32 whatever the base's parameter dtype.
     make_adapters = functools.partial(

@@ -17,40 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tpa_jax.config.selection import TARGETS
 from tpa_jax.errors import ConfigError
 from tpa_jax.nn.layers import Dense
 from tpa_jax.nn.params import LoRAParam
 
-# target -> (module path inside a ConformerBlock, projection names) it adapts.
-TARGETS: dict[str, tuple[str, str]] = {
-    'q': ('attention', 'query'), 'k': ('attention', 'key'), 'v': ('attention', 'value'),
-    'out': ('attention', 'out'),
-    'ffn1_up': ('ffn1', 'up'), 'ffn1_down': ('ffn1', 'down'),
-    'ffn2_up': ('ffn2', 'up'), 'ffn2_down': ('ffn2', 'down'),
-}
-# Shorthands of `adapter.lora_targets`: 'ffn1' is both of its projections.
-GROUPS = {'attention': ('q', 'k', 'v', 'out'), 'ffn1': ('ffn1_up', 'ffn1_down'),
-          'ffn2': ('ffn2_up', 'ffn2_down')}
-DEFAULT_TARGETS = 'q,k,v,out,ffn1,ffn2'
-
-
-def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
-  """'q,k,v,out,ffn1,ffn2' -> the projections it names, in TARGETS order."""
-  names = [t.strip() for t in (targets.split(',') if isinstance(targets, str) else targets)]
-  names = [t for t in names if t]
-  chosen = set()
-  for name in names:
-    if name in GROUPS:
-      chosen.update(GROUPS[name])
-    elif name in TARGETS:
-      chosen.add(name)
-    else:
-      raise ConfigError(f'adapter.lora_targets names {name!r}: accepted names are '
-                       f'{tuple(TARGETS) + tuple(GROUPS)}')
-  if not chosen:
-    raise ConfigError(f'adapter.lora_targets={targets!r} names no projection; accepted names '
-                     f'are {tuple(TARGETS) + tuple(GROUPS)}')
-  return tuple(t for t in TARGETS if t in chosen)
 
 
 def target_shapes(dim: int, num_heads: int, ffn_dim: int) -> dict[str, tuple[tuple, tuple, tuple]]:
