@@ -4,9 +4,10 @@ ending the session alone on one (and the folders of `built_once` are built early
 A slow test carries `@pytest.mark.slow(seconds=S)`, S its measured duration (setup included).
 Marked tests run first, the longest first: by the duration this machine's last run recorded in
 pytest's cache (`.pytest_cache`, key `tpa_jax/durations`), else by S (a fresh clone has no
-cache). Unmarked tests keep their order after them. A test that took longer than
+cache). Unmarked tests keep their order after them. A test whose call took longer than
 `--slow_unmarked_seconds` (60) without the marker is named at the end of the run, so a renamed
-or new slow test does not drop out of the order unnoticed.
+or new slow test does not drop out of the order unnoticed (its setup is left out: a shared
+fixture's build is paid by whichever test asks first).
 
 Only tests without module-scoped fixtures take the marker: moving one away from its module's
 other tests would build its module's fixtures again.
@@ -43,7 +44,7 @@ class _SlowFirst:
 
   def __init__(self, config):
     self.config = config
-    self.durations: dict[str, list] = {}  # nodeid -> [seconds so far, marked slow]
+    self.durations: dict[str, list] = {}  # nodeid -> [seconds so far, of its call, marked]
 
   def pytest_collection_modifyitems(self, items):
     cache = getattr(self.config, 'cache', None)  # (None under -p no:cacheprovider)
@@ -58,21 +59,24 @@ class _SlowFirst:
 
   def pytest_runtest_logreport(self, report):
     """Sums setup, call and teardown per test (in xdist's controller: the workers' reports)."""
-    seconds, marked = self.durations.get(report.nodeid, (0.0, 'slow' in report.keywords))
-    self.durations[report.nodeid] = [seconds + report.duration, marked]
+    seconds, call, marked = self.durations.get(report.nodeid,
+                                               (0.0, 0.0, 'slow' in report.keywords))
+    call += report.duration if report.when == 'call' else 0.0
+    self.durations[report.nodeid] = [seconds + report.duration, call, marked]
 
   def pytest_sessionfinish(self):
     cache = getattr(self.config, 'cache', None)  # (None under -p no:cacheprovider)
     if not self.durations or cache is None or hasattr(self.config, 'workerinput'):
       return  # (an xdist worker: its controller records what every worker ran)
     recorded = cache.get(CACHE_KEY, {})
-    recorded.update({nodeid: round(s, 2) for nodeid, (s, _) in self.durations.items()})
+    recorded.update({nodeid: round(s, 2) for nodeid, (s, _, _) in self.durations.items()})
     cache.set(CACHE_KEY, recorded)
 
   def pytest_terminal_summary(self, terminalreporter):
     limit = self.config.getoption('slow_unmarked_seconds')
-    unmarked = sorted(((s, nodeid) for nodeid, (s, marked) in self.durations.items()
-                       if not marked and s > limit), reverse=True)
+    # Its call alone: the setup of a session-wide fixture is paid by whichever test asks first.
+    unmarked = sorted(((call, nodeid) for nodeid, (_, call, marked) in self.durations.items()
+                       if not marked and call > limit), reverse=True)
     if unmarked:
       terminalreporter.write_sep('=', f'{len(unmarked)} test(s) over {limit:g} s without '
                                  '@pytest.mark.slow (add it, with the seconds shown)')
