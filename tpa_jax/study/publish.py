@@ -18,6 +18,7 @@ import shutil
 import subprocess
 
 from tpa_jax.errors import ConfigError
+from tpa_jax.train.metrics import write_json
 
 PROVENANCE = 'provenance.json'
 QUIET = ('yes', 'no', 'unknown')
@@ -61,8 +62,11 @@ def machine() -> str:
   return text
 
 
-def _now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+def _utc(timestamp: float | None = None) -> str:
+  """'2026-12-07 10:22 UTC' of `timestamp` (default: now)."""
+  when = (datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+          if timestamp is not None else datetime.datetime.now(datetime.timezone.utc))
+  return when.strftime('%Y-%m-%d %H:%M UTC')
 
 
 def _read(workdir: str) -> dict:
@@ -73,38 +77,28 @@ def _read(workdir: str) -> dict:
     return json.load(f)
 
 
-def _write(workdir: str, record: dict) -> None:
-  path = os.path.join(workdir, PROVENANCE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(record, f, indent=2)
-  os.replace(path + '.tmp', path)
-
-
 def record_start(workdir: str, argv: list[str]) -> None:
   """Appends this launch (command, commit, machine, load average) to the study's record."""
   os.makedirs(workdir, exist_ok=True)
   record = _read(workdir)
   record['launches'].append({
       'command': shlex.join(['python', *argv]), 'commit': commit(), 'machine': machine(),
-      'started': _now(), 'load_average_1min_at_start': round(os.getloadavg()[0], 2),
+      'started': _utc(), 'load_average_1min_at_start': round(os.getloadavg()[0], 2),
       'finished': None})
-  _write(workdir, record)
+  write_json(os.path.join(workdir, PROVENANCE), record)
 
 
 def record_finish(workdir: str) -> None:
   record = _read(workdir)
   if record['launches']:
-    record['launches'][-1]['finished'] = _now()
-    _write(workdir, record)
+    record['launches'][-1]['finished'] = _utc()
+    write_json(os.path.join(workdir, PROVENANCE), record)
 
 
 def _last_cell_time(workdir: str) -> str | None:
   times = [os.path.getmtime(p) for p in glob.glob(
       os.path.join(workdir, 'cells', '**', 'test.json'), recursive=True)]
-  if not times:
-    return None
-  return datetime.datetime.fromtimestamp(max(times), datetime.timezone.utc).strftime(
-      '%Y-%m-%d %H:%M UTC')
+  return _utc(max(times)) if times else None
 
 
 def header(workdir: str, dest: str, quiet: str, publish_command: str) -> str:
@@ -112,7 +106,7 @@ def header(workdir: str, dest: str, quiet: str, publish_command: str) -> str:
   launches = _read(workdir)['launches']
   lines = [f'# Study results: {os.path.basename(os.path.normpath(dest))}', '',
            f'Published by `{publish_command}` from the study\'s own `study.md` and plots '
-           f'(copied, not retyped) on {_now()}, at commit {commit(dest) or "(not a git checkout)"}.',
+           f'(copied, not retyped) on {_utc()}, at commit {commit(dest) or "(not a git checkout)"}.',
            '']
   if launches:
     for i, launch in enumerate(launches):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpa_jax.errors import ConfigError
-from tpa_jax.nn.params import TRAINABLE, AdapterParam, trainable_filter  # noqa: F401
+from tpa_jax.nn.params import TRAINABLE, AdapterParam, trainable_filter
 
 
 def frozen_filter(trainable):
