@@ -34,7 +34,8 @@ import numpy as np
 
 from tpa_jax import sharding
 from tpa_jax.data import datasets, pcm
-from tpa_jax.eval import evaluate, scoring
+from tpa_jax.eval import scoring
+from tpa_jax.programs import evaluate
 from tpa_jax.serve import export, multitask
 
 

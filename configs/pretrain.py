@@ -16,7 +16,7 @@ import os
 
 from tpa_jax import config as config_lib
 from tpa_jax.config.files import load_config_file, parse_arg
-from tpa_jax.ssl import pretrain
+from tpa_jax.config import ssl as pretrain
 
 KEYS = ('model', 'data')
 VARIANTS = ('tiny', 'model=2b')

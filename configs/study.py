@@ -20,7 +20,7 @@ import os
 import ml_collections
 
 from tpa_jax.config.files import load_config_file
-from tpa_jax.ssl import pretrain
+from tpa_jax.config import ssl as pretrain
 
 # The default comparison: the floor, the ceiling, TPA, the serial adapter at TPA's bottleneck
 # and at twice it (TPA's trainable parameters), LoRA near TPA's parameters, TPA on the upper half.

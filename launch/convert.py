@@ -16,7 +16,7 @@ unsupported settings) is reported at once, before anything is written.
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from tpa_jax import convert
 from tpa_jax.programs import cli
@@ -28,9 +28,7 @@ flags.mark_flags_as_required(['source', 'input', 'output'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.quiet_library_logs()
+  cli.start(argv)
   # A ConversionError lists every problem of the input; cli.run prints it without a traceback.
   summary = convert.convert(_SOURCE.value, _INPUT.value, _OUTPUT.value)
   print(json.dumps(summary, indent=2, default=str))

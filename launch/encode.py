@@ -16,7 +16,7 @@ implementation's output on the same file.
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from tpa_jax import convert
@@ -32,9 +32,7 @@ flags.mark_flags_as_required(['base', 'audio', 'output'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.quiet_library_logs()
+  cli.start(argv)
   config = _CONFIG.value if _CONFIG.value is not None else convert.default_config()
   if not convert.apply_base_config(config, _BASE.value) and _CONFIG.value is None:
     sys.exit(f'error: the base at {_BASE.value} has no saved model config (encoder.json); pass '

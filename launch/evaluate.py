@@ -26,11 +26,11 @@ the data is prepared and the result written in `<export without .safetensors>.ev
 import json
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from tpa_jax import sharding
-from tpa_jax.eval import evaluate
+from tpa_jax.programs import evaluate
 from tpa_jax.programs import cli, distributed
 from tpa_jax.train import trainer as trainer_lib
 
@@ -52,12 +52,7 @@ _DISTRIBUTED = distributed.define_flags()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  cli.threads_for_simulated_devices(_DISTRIBUTED.num_processes.value or 1)
-  distributed.initialize_from_flags(_DISTRIBUTED)
-  cli.quiet_library_logs()
+  distributed.start(argv, _DISTRIBUTED)
   if _ADAPTERS.value and _CONFIG.value is None:
     cli.fail('--adapters needs --config: the config of the base and adapters (with '
              '--config.base.path=<the base>)')

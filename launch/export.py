@@ -22,7 +22,7 @@ utterance; `serving_loader.MultiTaskBundle` adds tasks from their adapter export
 import json
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from tpa_jax import sharding
@@ -47,10 +47,7 @@ flags.mark_flags_as_required(['output'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.quiet_library_logs()
-  cli.threads_for_simulated_devices()
+  cli.start(argv)
   mesh = sharding.make_mesh(**sharding.parse_mesh(_MESH.value or 'data=-1', len(jax.devices())))
   if _ADAPTERS.value:
     if _KIND.value != 'serving' or _CONFIG.value is None or not _CONFIG.value.base.path:

@@ -17,7 +17,7 @@ the counts per split and what was skipped, as one JSON line. Nothing under --fro
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from tpa_jax.data import manifest_layouts as layouts
 from tpa_jax.programs import cli
@@ -43,8 +43,7 @@ flags.mark_flags_as_required(['layout', 'output'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.start(argv)
   try:
     fractions = tuple(float(x) for x in _SPLIT.value.split(','))
   except ValueError:

@@ -77,8 +77,7 @@ flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.start(argv)
   config, accelerator = _CONFIG.value, _ACCELERATOR.value
   try:
     counts = sorted({int(n) for n in _SWEEP.value}) or [_DEVICES.value]

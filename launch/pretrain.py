@@ -13,8 +13,7 @@ quantizer in <workdir>/fixed_arrays, and, once the run is complete, the base in
 <workdir>/base (encoder: what `base.path` takes; head: quantizer and prediction heads).
 """
 
-import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from tpa_jax.programs import cli, distributed
@@ -29,12 +28,7 @@ flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  cli.threads_for_simulated_devices(_DISTRIBUTED.num_processes.value or 1)
-  distributed.initialize_from_flags(_DISTRIBUTED)
-  cli.quiet_library_logs()
+  distributed.start(argv, _DISTRIBUTED)
   trainer_lib.check_config(_CONFIG.value)
   pretrain.run(_CONFIG.value, _WORKDIR.value)
 

@@ -14,7 +14,7 @@ DELETE /v1/tasks/NAME, GET /healthz, GET /metrics (README: "Serving many tasks")
 
 import logging
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from tpa_jax import sharding
@@ -45,13 +45,9 @@ flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.quiet_library_logs()
-  cli.threads_for_simulated_devices()
+  cli.start(argv)
   config = _CONFIG.value
-  if not config.base.path:
-    cli.fail('--config.base.path is empty: pass the base the adapters were trained on')
+  cli.require_base(config)
   tasks = multitask.parse_adapters(_ADAPTERS.value) if _ADAPTERS.value else {}
   mesh = sharding.program_mesh(config.mesh, _MESH.value)
   model = multitask.MultiTaskModel(

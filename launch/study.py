@@ -15,11 +15,10 @@ and the plots there under a header with the study's command, commit, machine and
       --publish_quiet=yes
 """
 
-import os
 import shlex
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from tpa_jax.programs import cli
@@ -39,18 +38,13 @@ _WORKER = flags.DEFINE_string('worker', '', 'Internal (set by the study for its 
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # As the demo: XLA's CPU optimisation level 1 compiles a fifth faster (set before JAX starts).
-  flags_now = os.environ.get('XLA_FLAGS', '')
-  if '--xla_backend_optimization_level' not in flags_now:
-    os.environ['XLA_FLAGS'] = f'{flags_now} --xla_backend_optimization_level=1'.strip()
-  from tpa_jax.study import launch  # pylint: disable=import-outside-toplevel
-  cli.quiet_library_logs()
+  cli.start(argv, optimize_cpu_compile=True)
+  # Imported after XLA_FLAGS is set: the study's modules import JAX.
+  from tpa_jax.study import launch, publish  # pylint: disable=import-outside-toplevel
   launch.main(_CONFIG.value, _WORKDIR.value, cells=_CELLS.value, report_only=_REPORT.value,
               argv=sys.argv, worker=_WORKER.value)
   if _PUBLISH.value and not _WORKER.value:
-    from tpa_jax.study import publish  # pylint: disable=import-outside-toplevel
     written = publish.publish(_WORKDIR.value, _PUBLISH.value, quiet=_PUBLISH_QUIET.value,
                               publish_command=shlex.join(['python', *sys.argv]))
     print('published: ' + ', '.join(written))

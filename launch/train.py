@@ -17,8 +17,7 @@ process. Writes metrics.jsonl (one JSON object per logged step), TensorBoard eve
 (tensorboard/) and results.json into --workdir, from process 0.
 """
 
-import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from tpa_jax.programs import cli, distributed
@@ -33,13 +32,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  # Collectives between CPU processes (harmless elsewhere); set before the backend starts.
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  cli.threads_for_simulated_devices(_DISTRIBUTED.num_processes.value or 1)
-  distributed.initialize_from_flags(_DISTRIBUTED)
-  cli.quiet_library_logs()
+  distributed.start(argv, _DISTRIBUTED)
   trainer_lib.check_config(_CONFIG.value)
   training.train(_CONFIG.value, _WORKDIR.value)
 

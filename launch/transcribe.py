@@ -18,7 +18,7 @@ is printed as one JSON line.
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from tpa_jax import sharding
@@ -44,13 +44,9 @@ flags.mark_flags_as_required(['config', 'adapters', 'input', 'output'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.quiet_library_logs()
-  cli.threads_for_simulated_devices()
+  cli.start(argv)
   config = _CONFIG.value
-  if not config.base.path:
-    cli.fail('--config.base.path is empty: pass the base the adapters were trained on')
+  cli.require_base(config)
   tasks = multitask.parse_adapters(_ADAPTERS.value)
   mesh = sharding.program_mesh(config.mesh, _MESH.value)
   model = multitask.MultiTaskModel(config, mesh, tasks=tasks, capacity=len(tasks),

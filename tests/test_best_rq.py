@@ -11,15 +11,18 @@ from flax import nnx
 from conftest import tiny_config
 from tpa_jax import sharding
 from tpa_jax.audio.featurizer import featurizer as make_featurizer
+from tpa_jax.config.ssl import ssl_fields
 from tpa_jax.errors import ConfigError
-from tpa_jax.ssl import best_rq
+from tpa_jax.nn import best_rq
+from tpa_jax.nn.params import FixedArray
 from tpa_jax.train import partition
+from tpa_jax.train.losses import masked_prediction_loss
 
 
 def ssl_config(**overrides):
   config = tiny_config('full')
   with config.unlocked():
-    config.ssl = best_rq.ssl_fields()
+    config.ssl = ssl_fields()
   config.ssl.update({**dict(codebook_size=16, code_dim=4, num_codebooks=2, mask_prob=0.2,
                             mask_span=3), **overrides})
   return config
@@ -64,7 +67,7 @@ def test_targets_are_fixed_for_a_seed_independent_of_padding_and_have_no_optimiz
     assert not any('quantizer' in jax.tree_util.keystr(p) for p, _ in opt_paths)
   frozen = nnx.state(model, partition.frozen_filter(partition.trainable_filter('full')))
   assert not jax.tree.leaves(frozen)  # not a frozen weight either: fixed state of the run
-  assert len(jax.tree.leaves(nnx.state(model, best_rq.FixedArray))) == 2
+  assert len(jax.tree.leaves(nnx.state(model, FixedArray))) == 2
 
 
 def test_span_masks_cover_valid_frames_only_with_at_least_one_span():
@@ -95,18 +98,18 @@ def test_the_loss_counts_masked_frames_only():
   targets = rng.integers(0, 16, (2, 10, 2))
   masked = np.zeros((2, 10), bool)
   masked[0, 2:5] = masked[1, 7:9] = True
-  loss, metrics = best_rq.masked_prediction_loss(logits, jnp.asarray(targets), masked)
+  loss, metrics = masked_prediction_loss(logits, jnp.asarray(targets), masked)
   other = targets.copy()
   other[~masked] = (other[~masked] + 1) % 16  # every unmasked target changed
-  loss2, _ = best_rq.masked_prediction_loss(logits, jnp.asarray(other), masked)
+  loss2, _ = masked_prediction_loss(logits, jnp.asarray(other), masked)
   assert float(loss2) == float(loss)
   other[0, 3, 1] = (other[0, 3, 1] + 1) % 16  # one masked target changed
-  loss3, _ = best_rq.masked_prediction_loss(logits, jnp.asarray(other), masked)
+  loss3, _ = masked_prediction_loss(logits, jnp.asarray(other), masked)
   assert float(loss3) != float(loss)
   assert float(metrics['masked_frames']) == 5 and metrics['accuracy'].shape == (2,)
   # Perfect logits at masked frames: loss near 0 and accuracy 1.
   perfect = jax.nn.one_hot(targets, 16) * 50.0
-  loss4, m4 = best_rq.masked_prediction_loss(perfect, jnp.asarray(targets), masked)
+  loss4, m4 = masked_prediction_loss(perfect, jnp.asarray(targets), masked)
   assert float(loss4) < 1e-6 and np.allclose(m4['accuracy'], 1.0)
 
 

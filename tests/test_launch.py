@@ -14,7 +14,7 @@ from flax import nnx
 from tpa_jax import checkpoint
 from tpa_jax import sharding
 from tpa_jax.data import random_task
-from tpa_jax.eval import evaluate as evaluation
+from tpa_jax.programs import evaluate as evaluation
 from tpa_jax.nn import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import built_once, tiny_config
 from tpa_jax import config as config_lib
+from tpa_jax.config import cache_keys
 from tpa_jax.data import random_task
 from tpa_jax.errors import ConfigError, UserError
 from tpa_jax.programs import demo
@@ -278,7 +279,7 @@ def test_the_demo_base_cache_key_covers_only_what_determines_the_base():
         node = node[p]
       node[leaf] = value
     stage = demo.stage_config(c, c.demo.pretrain, dataset=c.demo.source, vocab_size=30)
-    return demo.fingerprint(stage, Tokenizer(), dataset_description='source 1.1.0')
+    return cache_keys.base_cache_key(stage, Tokenizer(), dataset_description='source 1.1.0')
   base = key()
   for same in ({'demo.adapt.method': 'head'}, {'demo.adapt.num_steps': 9},
                {'decoding.beta': 0.0}, {'train.log_every_steps': 1},

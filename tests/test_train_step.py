@@ -9,6 +9,7 @@ from conftest import ctc_batch, tiny_config
 from flax import nnx
 
 from tpa_jax import sharding
+from tpa_jax.data import batches as batches_lib
 from tpa_jax.data import random_task
 from tpa_jax.nn import build
 from tpa_jax.plan import costs
@@ -285,8 +286,8 @@ def test_audio_is_featurized_per_device_exactly_as_on_one(mesh22):
   expected = jax.jit(featurizer)(jnp.asarray(audio), jnp.asarray(lengths), key)
   rows = NamedSharding(mesh22, P(('data', 'fsdp')))
   with jax.set_mesh(mesh22):
-    got = jax.jit(lambda a, n: train_step.batch_inputs({'audio': a, 'audio_lengths': n},
-                                                       featurizer, key))(
+    got = jax.jit(lambda a, n: batches_lib.batch_inputs({'audio': a, 'audio_lengths': n},
+                                                        featurizer, key))(
         jax.device_put(audio, rows), jax.device_put(lengths, rows))
   for e, g in zip(expected, got):
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)

@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tpa_jax.data import pipeline
+from tpa_jax.audio.featurizer import output_frames
+from tpa_jax.data import manifest, pipeline, speech_corpus
 from tpa_jax.data import tokenizer as tokenizer_lib
 
 FAMILIES = ('synthetic_speech', 'librispeech', 'manifest')
@@ -76,12 +77,9 @@ def open_builder(name: str, data_dir: str, domains_file: str = '', *,
   'manifest:DIR'), writing array_record files under `data_dir`. `max_seconds`: the longest
   bucket (a manifest's longer lines are rejected when it is prepared)."""
   if name.startswith('manifest:'):
-    from tpa_jax.data import manifest  # pylint: disable=import-outside-toplevel  (soundfile)
     return manifest.open_builder(name, data_dir, max_seconds)
   family, _, config_name = name.partition('/')
   if family == 'synthetic_speech':
-    # Imported here: the corpus module needs the `speech` extra (eSpeak NG, wordfreq).
-    from tpa_jax.data import speech_corpus  # pylint: disable=import-outside-toplevel
     domains = speech_corpus.all_domains(domains_file)
     if config_name not in domains:
       raise ValueError(f'data.name={name!r}: the synthetic corpus has domains {sorted(domains)}'
@@ -288,8 +286,6 @@ def open_for_config(config: ml_collections.ConfigDict, workdir: str, mesh: jax.s
                     ) -> tuple[SpeechData, tokenizer_lib.Tokenizer | None]:
   """(speech data, tokenizer) of `config.data`, prepared; sets the head's size from the data
   (the tokenizer's vocabulary or the number of classes)."""
-  # Imported here: the featurizer is JAX code, the rest of this module is not.
-  from tpa_jax.audio.featurizer import output_frames  # pylint: disable=import-outside-toplevel
   data = SpeechData.open(
       config.data, workdir=workdir, task=config.head.kind, frames=output_frames(config),
       # Each batch splits into grad_accum_steps micro-batches, each over the data axes.
@@ -304,3 +300,14 @@ def open_for_config(config: ml_collections.ConfigDict, workdir: str, mesh: jax.s
     elif config.head.kind == 'classification':
       config.head.num_classes = data.num_classes
   return data, tokenizer
+
+
+def dataset_description(data: SpeechData) -> str:
+  """What names a dataset's content: its TFDS name, version and builder config (a synthetic
+  domain's languages, voices, rates, noise and sizes), not where it is stored."""
+  return builder_description(data.builder)
+
+
+def builder_description(builder) -> str:
+  """`dataset_description` of a TFDS builder."""
+  return f'{builder.info.full_name} {builder.builder_config!r}'

@@ -174,7 +174,7 @@ def _check(entry: Entry, task: str, info, max_seconds: float, labels) -> str | N
 def read_audio(entry: Entry, report: Report | None = None) -> np.ndarray:
   """The entry's segment as 16 kHz mono int16, counting conversions in `report`."""
   import soundfile  # pylint: disable=import-outside-toplevel  (the `speech` extra)
-  import soxr  # pylint: disable=import-outside-toplevel
+  import soxr  # pylint: disable=import-outside-toplevel  (the `speech` extra)
   with soundfile.SoundFile(entry.path) as f:
     rate, channels, fmt = f.samplerate, f.channels, f.format
     start = int(round(entry.offset * rate))
@@ -194,7 +194,7 @@ def read_audio(entry: Entry, report: Report | None = None) -> np.ndarray:
 
 
 def _info(path: str):
-  import soundfile  # pylint: disable=import-outside-toplevel
+  import soundfile  # pylint: disable=import-outside-toplevel  (the `speech` extra)
   try:
     return soundfile.info(path)
   except Exception:  # noqa: BLE001 — libsndfile names many errors; every one means unreadable

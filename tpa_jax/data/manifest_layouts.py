@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import gzip
 import hashlib
 import json
 import os
@@ -172,7 +173,6 @@ def from_tsv(src: str, skipped: Skipped, *, path_column: str = 'path',
 def from_asterisk(sounds: str, transcripts: str, skipped: Skipped) -> list[Utterance]:
   """The Asterisk prompts: `name: transcript` lines (name relative to `sounds`, without .wav);
   tones and silences (a transcript in [brackets]) are left out."""
-  import gzip  # pylint: disable=import-outside-toplevel
   for path, package in ((sounds, 'asterisk-core-sounds-en-wav'),
                         (transcripts, 'asterisk-core-sounds-en')):
     if not os.path.exists(path):

@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 
 from tpa_jax.data import pcm
+from tpa_jax.data.espeak import Espeak
 
 SAMPLE_RATE_HZ = 16000
 
@@ -34,7 +35,6 @@ def noise_seed(key: str, seed: int) -> int:
 
 def synthesize(utt: Utterance) -> np.ndarray:
   """16 kHz int16 audio of `utt`, trimmed of leading and trailing silence."""
-  from tpa_jax.data.espeak import Espeak  # pylint: disable=import-outside-toplevel
   engine = Espeak.get()
   raw = engine.synthesize(utt.text, voice=utt.voice, rate_wpm=utt.rate_wpm, pitch=utt.pitch)
   audio = pcm.resample(raw.astype(np.float32) / 32768.0, engine.sample_rate,

@@ -1,4 +1,6 @@
-"""Evaluation: CTC decoding (best path, or a lexicon decoder), WER/CER (jiwer), accuracy."""
+"""Scoring a model on evaluation batches: CTC decoding (best path, or a lexicon decoder), WER/CER
+(jiwer), accuracy, and the evaluation of a speech dataset's split that training and the
+programs share (`evaluate_speech`)."""
 
 from __future__ import annotations
 
@@ -7,19 +9,20 @@ from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tpa_jax import sharding
 from tpa_jax.audio.featurizer import Featurizer
+from tpa_jax.data.batches import batch_inputs, batch_shardings
 from tpa_jax.eval import decoding
-from tpa_jax.train.step import batch_inputs, batch_shardings
 
 
 def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
   """Corpus-level word and character error rates (edit operations / reference length)."""
-  import jiwer  # pylint: disable=import-outside-toplevel
+  import jiwer  # pylint: disable=import-outside-toplevel  (the `speech` extra)
   if len(references) != len(hypotheses) or not references:
     raise ValueError(f'need as many hypotheses as references (> 0), got {len(references)} '
                      f'references and {len(hypotheses)} hypotheses')
@@ -102,3 +105,16 @@ class Evaluator:
     if decoder is not None:
       out.update({f'greedy_{k}': v for k, v in error_rates(refs, greedy).items()})
     return out
+
+
+def evaluate_speech(config: ml_collections.ConfigDict, model: nnx.Module,
+                    featurizer: Featurizer | None, mesh: jax.sharding.Mesh, data,
+                    tokenizer, split: str) -> dict:
+  """WER/CER (CTC, with `config.decoding`) or accuracy of `model` on `split` of `data` (a
+  `data.datasets.SpeechData`, with its `tokenizer`)."""
+  scorer = evaluator(config.head.kind, featurizer, mesh)
+  decoder = None
+  if config.head.kind == 'ctc':
+    decoder = decoding.make_decoder(config.decoding, tokenizer,
+                                    lambda: data.texts(config.data.train_split))
+  return scorer.evaluate(model, data.eval_batches(split, tokenizer), tokenizer, decoder=decoder)

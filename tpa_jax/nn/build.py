@@ -13,6 +13,7 @@ from tpa_jax import sharding
 from tpa_jax.config import selection
 from tpa_jax.errors import ConfigError
 from tpa_jax.nn import adapters as adapters_lib
+from tpa_jax.nn import best_rq
 from tpa_jax.nn.lora import BlockLoRA
 from tpa_jax.nn.conformer import ConformerBlock, ConformerEncoder
 from tpa_jax.nn.frontend import (FRONTENDS, Conv2dSubsampling, DepthwiseStridingSubsampling,
@@ -98,11 +99,9 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int) -> SpeechModel:
   elif h.kind == 'classification':
     head = ClassificationHead(m.dim, h.num_classes, **head_kw)
   elif h.kind == 'best_rq':
-    # Imported here: a pre-training head is built by pre-training configs only.
-    from tpa_jax.ssl import best_rq  # pylint: disable=import-outside-toplevel
     if 'ssl' not in config:
       raise ConfigError("head.kind='best_rq' needs the config's ssl section "
-                        '(tpa_jax.ssl.best_rq.ssl_fields(), as configs/pretrain.py has)')
+                        '(tpa_jax.config.ssl.ssl_fields(), as configs/pretrain.py has)')
     # The quantizer draws from its own stream: fixed by the seed whatever the heads are.
     head = best_rq.BestRQHead(m.dim, f.input_dim, best_rq.Settings.from_config(config),
                               dtype=kw['dtype'], rngs=head_rngs,

@@ -1,5 +1,5 @@
 """Variable types that decide what trains: adapters and task heads are their own kinds of Param,
-and the filters (`train.trainable`) that select them."""
+fixed random arrays are no Param at all, and the filters (`train.trainable`) that select them."""
 
 from flax import nnx
 
@@ -17,6 +17,11 @@ class LoRAParam(AdapterParam):
 
 class HeadParam(nnx.Param):
   """A weight of a task head (CTC projection, classifier); trained with the adapters."""
+
+
+class FixedArray(nnx.Variable):
+  """Fixed random state of a run (BEST-RQ's projection and codebooks): not a Param, so no
+  trainable filter matches it; saved with the run, never trained."""
 
 
 # train.trainable -> the variable types that get gradients and optimizer state.

@@ -1,6 +1,9 @@
-"""What every program in `launch/` shares: flag parsing that names a bad `--config.x=...`
-override, user errors printed as one paragraph with a non-zero status (tracebacks stay for
-bugs), and readable logs."""
+"""What every program in `launch/` shares: its start (`start`; `distributed.start` for programs
+of several processes), flag parsing that names a bad `--config.x=...` override, user errors
+printed as one paragraph with a non-zero status (tracebacks stay for bugs), and readable logs.
+
+Light on purpose (absl and ml_collections): the demo's corpus workers are spawned processes
+that import launch/demo.py, and with it this module, again."""
 
 from __future__ import annotations
 
@@ -53,6 +56,34 @@ def threads_for_simulated_devices(num_processes: int = 1) -> None:
   devices = simulated_cpu_devices()
   if num_processes == 1 and devices > 1:
     os.environ.setdefault('PJRT_NPROC', str(max(os.cpu_count() or 1, 4 * devices)))
+
+
+def fast_cpu_compile() -> None:
+  """LLVM optimisation level 1 for XLA's CPU kernels, unless XLA_FLAGS sets a level. Measured on
+  the demo's train step (2 cores): compiling 5 bucket shapes 49 s instead of 62 s, and steps 5%
+  faster (292 vs 306-315 ms). Set before JAX starts its backend."""
+  flags_now = os.environ.get('XLA_FLAGS', '')
+  if '--xla_backend_optimization_level' not in flags_now:
+    os.environ['XLA_FLAGS'] = f'{flags_now} --xla_backend_optimization_level=1'.strip()
+
+
+def start(argv: list[str], *, num_processes: int = 1, optimize_cpu_compile: bool = False) -> None:
+  """The start of a launch program's `main`, before JAX starts its backend: no positional
+  arguments, the CPU thread pool sized for simulated devices (`num_processes` of the job), with
+  `optimize_cpu_compile` XLA's faster CPU compile (`fast_cpu_compile`), readable logs."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if optimize_cpu_compile:
+    fast_cpu_compile()
+  threads_for_simulated_devices(num_processes)
+  quiet_library_logs()
+
+
+def require_base(config) -> None:
+  """Ends the program with a named error when `config.base.path` is empty (programs that serve
+  adapters over the base they were trained on)."""
+  if not config.base.path:
+    fail('--config.base.path is empty: pass the base the adapters were trained on')
 
 
 def fail(message: str) -> None:

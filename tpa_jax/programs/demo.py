@@ -12,7 +12,6 @@ Stages (each timed; `results.json`, `learning_curves.png` and the adapters land 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from flax import nnx
 
 from tpa_jax import checkpoint, sharding
 from tpa_jax import config as config_lib
+from tpa_jax.config import cache_keys
 from tpa_jax.audio.featurizer import featurizer, output_frames
 from tpa_jax.data import datasets
 from tpa_jax.eval import decoding, scoring
@@ -31,6 +31,7 @@ from tpa_jax.nn import build
 from tpa_jax.train import loop as training
 from tpa_jax.train import trainer as trainer_lib
 from tpa_jax.train.metrics import MetricsWriter
+
 
 def stage_config(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict, *,
                  dataset: str, vocab_size: int) -> ml_collections.ConfigDict:
@@ -48,49 +49,14 @@ def stage_config(config: ml_collections.ConfigDict, stage: ml_collections.Config
   return c
 
 
-# The sections of a pre-training stage's config that determine the weights it trains, and the
-# fields inside them that do not (how it is logged, evaluated, stored and read).
-_THE_BASE = ('seed', 'model', 'adapter', 'head', 'train', 'optim', 'data', 'features',
-             'tokenizer', 'mesh', 'ssl')
-_NOT_THE_BASE = ('train.log_every_steps', 'train.eval_every_steps', 'train.validation_decoding',
-                 'data.eval_split', 'data.validation_split', 'data.eval_batch_size',
-                 'data.num_threads', 'data.data_dir', 'data.domains_file', 'tokenizer.dir',
-                 # The tokenizer's own bytes are in the key: how its text was normalised, or
-                 # which file it was read from, is in them.
-                 'data.text_normalization', 'tokenizer.file')
-
-
-def fingerprint(config: ml_collections.ConfigDict, tokenizer, *, dataset_description=None) -> str:
-  """The cache key of a pre-trained base: what determines its weights (the model, features,
-  data order, steps and optimizer of its stage, its tokenizer (None for self-supervised
-  pre-training) and its training domain), and
-  nothing else, so adapting differently or decoding differently reuses the cached base."""
-  c = {k: v for k, v in config.to_dict().items() if k in _THE_BASE}
-  for path in _NOT_THE_BASE:
-    *parents, leaf = path.split('.')
-    node = c
-    for p in parents:
-      node = node.get(p, {})
-    node.pop(leaf, None)
-  if c['head'].get('kind') != 'best_rq':
-    c.pop('ssl', None)  # (a study's config holds it for its BEST-RQ base only)
-  if c['train']['trainable'] == 'full' and c['adapter']['placement'] == 'none':
-    c.pop('adapter')  # no adapter exists to be shaped by these fields
-  c['dataset'] = dataset_description
-  if tokenizer is None:  # self-supervised pre-training reads no transcripts
-    c.pop('tokenizer', None)
-    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
-  blob = json.dumps(c, sort_keys=True, default=str).encode()
-  return hashlib.sha256(blob + tokenizer.serialize()).hexdigest()[:16]
-
-
 def cached_base(config: ml_collections.ConfigDict, path: str, source: datasets.SpeechData,
                 source_tok) -> dict | None:
   """The metadata of the base pre-trained by `config.demo.pretrain` if `path` holds it (its
   key matches), else None."""
   base_config = stage_config(config, config.demo.pretrain, dataset=config.demo.source,
                              vocab_size=source_tok.vocab_size)
-  key = fingerprint(base_config, source_tok, dataset_description=dataset_description(source))
+  key = cache_keys.base_cache_key(base_config, source_tok,
+                                  dataset_description=datasets.dataset_description(source))
   meta = checkpoint.read_metadata(os.path.join(path, 'encoder'))
   return meta if meta is not None and meta.get('fingerprint') == key else None
 
@@ -103,7 +69,8 @@ def pretrained_base(config: ml_collections.ConfigDict, path: str, mesh, source, 
   demo = config.demo
   base_config = stage_config(config, demo.pretrain, dataset=demo.source,
                              vocab_size=source_tok.vocab_size)
-  key = fingerprint(base_config, source_tok, dataset_description=dataset_description(source))
+  key = cache_keys.base_cache_key(base_config, source_tok,
+                                  dataset_description=datasets.dataset_description(source))
   meta = cached_base(config, path, source, source_tok)
   base = build.create_model(base_config, mesh)
   if meta is not None:
@@ -123,17 +90,6 @@ def pretrained_base(config: ml_collections.ConfigDict, path: str, mesh, source, 
   checkpoint.save_state(os.path.join(path, 'encoder'), checkpoint.base_state(base),
                          metadata={'fingerprint': key, 'curve': curve, 'dataset': demo.source})
   return base, curve, True
-
-
-def dataset_description(data: datasets.SpeechData) -> str:
-  """What names a dataset's content: its TFDS name, version and builder config (a synthetic
-  domain's languages, voices, rates, noise and sizes), not where it is stored."""
-  return builder_description(data.builder)
-
-
-def builder_description(builder) -> str:
-  """`dataset_description` of a TFDS builder."""
-  return f'{builder.info.full_name} {builder.builder_config!r}'
 
 
 class Clock:
@@ -285,6 +241,7 @@ def table(results: dict, demo) -> str:
 
 def plot_curves(curves: dict, path: str) -> None:
   """Training loss per step of each stage, side by side."""
+  # Imported here: matplotlib loads in about a second, and only the plots need it.
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel

@@ -2,7 +2,7 @@
 
     flags = distributed.define_flags()   # in a launch program, at module level
     ...
-    distributed.initialize_from_flags(flags)   # in main(), before anything touches a device
+    distributed.start(argv, flags)   # first in main(): cli.start, then joins the job
 
 With --coordinator_address, --num_processes and --process_id the processes find each other
 through the coordinator (process 0's host:port). Without them, a Cloud TPU VM (a pod slice's
@@ -20,6 +20,7 @@ import jax
 from absl import flags, logging
 
 from tpa_jax.errors import ConfigError
+from tpa_jax.programs import cli
 
 # Google's PCI vendor id, and the device ids of TPU chips (v3 .. TPU7x) under it. The vendor
 # also makes the gVNIC network card, so the device id (or the accelerator class) must match too.
@@ -112,6 +113,15 @@ def initialize_from_flags(holders: Flags) -> bool:
   """`initialize` with the values of the flags from `define_flags`."""
   return initialize(holders.coordinator_address.value, holders.num_processes.value,
                     holders.process_id.value)
+
+
+def start(argv: list[str], holders: Flags) -> bool:
+  """`cli.start` for a program whose job may span processes: CPU collectives over gloo (harmless
+  on other backends; set before the backend starts), the thread pool sized for this process's
+  share, then this process joined to its job (`initialize_from_flags`)."""
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  cli.start(argv, num_processes=holders.num_processes.value or 1)
+  return initialize_from_flags(holders)
 
 
 def is_primary() -> bool:

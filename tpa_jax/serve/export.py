@@ -70,6 +70,7 @@ def decoding_of(config: ml_collections.ConfigDict, workdir: str,
   turns its head's outputs into text or class names (nothing for the random task)."""
   if config.data.name == 'random':
     return {}
+  # Imported here: TFDS and TensorFlow load in seconds, and the random task needs neither.
   from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
   data, tokenizer = datasets.open_for_config(ml_collections.ConfigDict(config.to_dict()),
                                              workdir, mesh)

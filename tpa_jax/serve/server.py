@@ -11,11 +11,13 @@ goes on.
 """
 
 
+import asyncio
 import base64
 import binascii
 import collections
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -218,7 +220,6 @@ class Batcher:
 
 def decode_request(body: bytes, sample_rate_hz: int) -> tuple[np.ndarray, list[str]]:
   """(int16 samples, task names) of a /v1/recognize body; RequestError naming what is wrong."""
-  import json  # pylint: disable=import-outside-toplevel
   try:
     payload = json.loads(body)
   except (ValueError, UnicodeDecodeError) as e:
@@ -248,9 +249,7 @@ def decode_request(body: bytes, sample_rate_hz: int) -> tuple[np.ndarray, list[s
 
 def create_app(model: MultiTaskModel, batcher: Batcher):
   """The FastAPI app of the server."""
-  import asyncio  # pylint: disable=import-outside-toplevel
-  import json  # pylint: disable=import-outside-toplevel
-
+  # Imported here: FastAPI is the `serve` extra; the batcher and request decoding need none.
   import fastapi  # pylint: disable=import-outside-toplevel
   from fastapi import responses  # pylint: disable=import-outside-toplevel
 

@@ -25,6 +25,7 @@ import sys
 
 import jax
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 
@@ -202,7 +203,6 @@ class MultiTaskBundle:
 
   def add(self, name: str, adapters_path: str) -> int:
     """Writes the task of an adapter export into a free slot; returns the slot."""
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
     with safe_open(adapters_path, framework='numpy') as f:
       spec = json.loads((f.metadata() or {}).get('spec', 'null') or 'null')
       tensors = {k: f.get_tensor(k) for k in f.keys()}

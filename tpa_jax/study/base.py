@@ -11,7 +11,13 @@ import os
 import ml_collections
 from absl import logging
 
+from tpa_jax import checkpoint
+from tpa_jax.audio.featurizer import output_frames
+from tpa_jax.data import datasets
 from tpa_jax.errors import ConfigError
+from tpa_jax.nn import build
+from tpa_jax.programs import demo
+from tpa_jax.ssl import pretrain
 
 
 def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -49,7 +55,6 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, mesh) -> tuple[str,
     return config.base.path, data
   check(config)
   if config.study.base == 'best_rq':
-    from tpa_jax.ssl import pretrain  # pylint: disable=import-outside-toplevel
     c = ml_collections.ConfigDict(config.to_dict())
     c.data.data_dir = data
     return pretrain.ensure_base(c, os.path.join(config.study.base_workdir or workdir,
@@ -59,10 +64,6 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, mesh) -> tuple[str,
   if 'demo' not in config:
     raise ConfigError("base.path='' and the config has no demo section to pre-train a base "
                       'with; pass --config.base.path')
-  # Imported here: the demo pulls in the speech pipeline.
-  from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
-  from tpa_jax.programs import demo  # pylint: disable=import-outside-toplevel
-  from tpa_jax.audio.featurizer import output_frames  # pylint: disable=import-outside-toplevel
   c = ml_collections.ConfigDict(config.data.to_dict())
   c.name, c.data_dir = config.demo.source, data
   # The base learns its corpus's own text (the tasks' normalisation is theirs), so a study with
@@ -87,8 +88,6 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, mesh) -> tuple[str,
 def random_base(config: ml_collections.ConfigDict, path: str, mesh) -> str:
   """The encoder of the study's architecture at its random initialisation (`config.seed`),
   written once to `path`/encoder: the floor a pre-trained base must beat."""
-  from tpa_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  from tpa_jax.nn import build  # pylint: disable=import-outside-toplevel
   encoder = os.path.join(path, 'encoder')
   key = {'random_init': config.model.to_dict(), 'seed': int(config.seed)}
   meta = checkpoint.read_metadata(encoder)

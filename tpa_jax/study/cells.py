@@ -14,6 +14,7 @@ import re
 import ml_collections
 
 from tpa_jax import config as config_lib
+from tpa_jax.data import manifest, speech_corpus
 from tpa_jax.errors import ConfigError
 
 # Methods by name: the config.METHODS entry they train, and what they change. `tpa_top<k>`
@@ -106,7 +107,6 @@ def split_list(value) -> list[str]:
 def parse_tasks(config: ml_collections.ConfigDict) -> list[Task]:
   """study.tasks: dataset names, each with an optional ':ctc' or ':classification'. Without one,
   a synthetic domain of several languages is language ID (classification), anything else ASR."""
-  from tpa_jax.data import speech_corpus  # pylint: disable=import-outside-toplevel
   domains_file = config.data.domains_file
   domains = speech_corpus.all_domains(domains_file)
   domains_file = domains_file or 'the built-in domains'
@@ -140,7 +140,6 @@ def parse_tasks(config: ml_collections.ConfigDict) -> list[Task]:
 def _manifest_task(entry: str) -> Task:
   """'manifest:DIR[:ctc|:classification]': the head defaults to what the train manifest's
   lines carry (text: ctc, labels: classification)."""
-  from tpa_jax.data import manifest  # pylint: disable=import-outside-toplevel  (soundfile)
   name, head = entry, ''
   for kind in HEADS:
     if entry.endswith(f':{kind}'):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import ml_collections
 
 from tpa_jax.errors import ConfigError
@@ -69,7 +70,6 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, cells=(),
   `study.workers` processes (this program's `argv` again, with `--worker=CLAIMS_FOLDER`), or here."""
   # Identical programs compile once across cells: seeds and learning rates share programs (the
   # peak rate is optimizer state), and JAX's persistent cache keeps them across processes.
-  import jax  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_compilation_cache_dir', config.study.compile_cache or os.path.join(
       os.path.abspath(workdir), 'jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)

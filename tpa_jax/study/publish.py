@@ -17,6 +17,8 @@ import shlex
 import shutil
 import subprocess
 
+import jax
+
 from tpa_jax.errors import ConfigError
 from tpa_jax.train.metrics import write_json
 
@@ -54,7 +56,6 @@ def machine() -> str:
     memory = ''
   text = f'{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores{memory}'
   try:
-    import jax  # pylint: disable=import-outside-toplevel  (the launch has imported it already)
     devices = jax.devices()
     text += f', jax {jax.default_backend()} ({len(devices)} x {devices[0].device_kind})'
   except Exception:  # pylint: disable=broad-except  (a description, never a failure)

@@ -162,6 +162,7 @@ def write(rows: list[dict], workdir: str, config=None) -> None:
 def plots(rows: list[dict], workdir: str) -> None:
   """pareto.png (test against trainable parameters, per task), pruning.png (trained on the top
   k blocks; adapters removed from the lowest k), bottleneck.png (TPA's r)."""
+  # Imported here: matplotlib loads in about a second, and only the plots need it.
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel

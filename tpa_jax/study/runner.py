@@ -20,19 +20,23 @@ import math
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import traceback
 
-import jax
 import ml_collections
 from absl import logging
 
-from tpa_jax import checkpoint, sharding
-from tpa_jax.errors import ConfigError, UserError
+from tpa_jax import sharding
 from tpa_jax.config.presets import flatten
+from tpa_jax.data import datasets
+from tpa_jax.errors import ConfigError, UserError
+from tpa_jax.study import base as base_lib
 from tpa_jax.study import cells as cells_lib
-from tpa_jax.study import report
+from tpa_jax.study import report, scoring
 from tpa_jax.study.cells import Cell, Task
+from tpa_jax.train import loop
 from tpa_jax.train.metrics import write_json
 
 # Fields of the study config that do not change any cell's result: a workdir may be re-run or
@@ -82,7 +86,6 @@ def validate(config: ml_collections.ConfigDict) -> tuple[list[Task], list[str], 
   for m in methods:
     cells_lib.method_overrides(m, s, config.model.num_blocks)
   rates = cells_lib.learning_rates(config)
-  from tpa_jax.study import base as base_lib  # pylint: disable=import-outside-toplevel
   base_lib.check(config)
   if int(s.seeds) < 1:
     raise ConfigError(f'study.seeds={s.seeds}: the number of seeds, at least 1')
@@ -104,12 +107,10 @@ class Study:
   # -- the base and data ---------------------------------------------------------------------
   def prepare(self) -> None:
     """The base (given, the demo's cached one, or pre-trained here once) and every task's data."""
-    from tpa_jax.study import base as base_lib  # pylint: disable=import-outside-toplevel
     self.mesh = sharding.make_mesh(**self.config.mesh)
     self.base_path, self.data_dir = base_lib.resolve(self.config, self.workdir, self.mesh)
     logging.info('study base: %s; data: %s', self.base_path, self.data_dir)
     # Every task's corpus, tokenizer and split indexes, once (workers then only read them).
-    from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
     for task in self.tasks:
       config = self.run_config(Cell(task, self.methods[0], self.rates[0], self.seeds[0]))
       data, tokenizer = datasets.open_for_config(config, self.workdir, self.mesh)
@@ -202,7 +203,6 @@ class Study:
       if ran:
         done_seconds.append(time.perf_counter() - t0)
       if claims:  # counted here, between cells, rather than by the report at the end
-        from tpa_jax.study import scoring  # pylint: disable=import-outside-toplevel
         scoring.flops_ratio(self, cell.task, cell.method)
       count += 1
       pace = sum(done_seconds) / len(done_seconds) if done_seconds else 0.0
@@ -242,8 +242,6 @@ class Study:
     an ETA for the whole study, then writes the report. Each process gets its share of the
     cores (PJRT_NPROC): at the demo's size a step gains little from a second thread, so two
     one-thread processes on two cores train about 1.7 times as fast as one."""
-    import subprocess  # pylint: disable=import-outside-toplevel
-    import sys  # pylint: disable=import-outside-toplevel
     check_workdir(self.config, self.workdir)
     n = int(self.config.study.workers)
     todo = [c for c, _ in self.plan() if self.selected(c, list(patterns))]
@@ -343,7 +341,6 @@ class Study:
     """Trains `cell` (resuming it) unless it is done; writes `trained.json`. True if it ran."""
     if self.trained(cell) is not None:
       return False
-    from tpa_jax.train import loop  # pylint: disable=import-outside-toplevel
     folder = self.folder(cell)
     os.makedirs(folder, exist_ok=True)
     config = self.run_config(cell)
@@ -404,7 +401,6 @@ class Study:
     record = self.trained(cell)
     if record is None or record['status'] != 'ok' or self.scored(cell) is not None:
       return False
-    from tpa_jax.study import scoring  # pylint: disable=import-outside-toplevel
     folder = self.folder(cell)
     t0 = time.perf_counter()
     pruning = (cell.method == 'tpa' and cell.seed < int(self.config.study.pruning_seeds))
@@ -423,7 +419,6 @@ class Study:
   # -- rows and report --------------------------------------------------------------------------
   def rows(self) -> list[dict]:
     """One row per task x method x seed with a chosen rate (whatever exists on disk)."""
-    from tpa_jax.study import scoring  # pylint: disable=import-outside-toplevel
     rows = []
     for task in self.tasks:
       for method in self.methods:
@@ -472,14 +467,12 @@ _PREPARED = 'prepared'  # in the claims folder: the launching process has prepar
 
 
 def _wait_for_launcher(claims: str) -> None:
-  """A worker's start: the heavy imports, then waiting until the launching process has
-  prepared the base and every task's data (it may be pre-training the base)."""
-  # pylint: disable=import-outside-toplevel,unused-import
-  from tpa_jax.data import datasets
-  from tpa_jax.study import scoring
-  from tpa_jax.train import loop
+  """A worker's start: TensorFlow imported while waiting, then waiting until the launching
+  process has prepared the base and every task's data (it may be pre-training the base)."""
   try:
-    import tensorflow  # what TFDS's audio features import on first use (~10 s)
+    # What TFDS's audio features import on first use (~10 s): imported while the launcher
+    # prepares, not when the first cell reads its data.
+    import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     pass
   parent = os.getppid()

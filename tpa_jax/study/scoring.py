@@ -11,8 +11,13 @@ import ml_collections
 from absl import logging
 
 from tpa_jax import checkpoint
+from tpa_jax.data import datasets
 from tpa_jax.errors import CheckpointError
+from tpa_jax.eval import scoring as eval_scoring
 from tpa_jax.nn import adapters as adapters_lib
+from tpa_jax.plan import costs
+from tpa_jax.study.cells import Cell
+from tpa_jax.train import trainer as trainer_lib
 
 
 def best_state(trainer, folder: str):
@@ -35,9 +40,6 @@ def score(config: ml_collections.ConfigDict, folder: str, mesh, *, pruning: bool
   """Test scores of the run in `folder` at its best validation step; with `pruning`, also with
   its adapters removed from the lowest k blocks, k = 0 .. N, and from the highest k (no
   retraining): which end of the encoder the adapters matter at."""
-  from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
-  from tpa_jax.eval import evaluate  # pylint: disable=import-outside-toplevel
-  from tpa_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(config.to_dict())
   split = 'test'
   data, tokenizer = datasets.open_for_config(config, folder, mesh)
@@ -46,7 +48,7 @@ def score(config: ml_collections.ConfigDict, folder: str, mesh, *, pruning: bool
   model = trainer.model()
 
   def test(m) -> dict:
-    r = evaluate.evaluate_speech(config, m, trainer.featurizer, mesh, data, tokenizer, split)
+    r = eval_scoring.evaluate_speech(config, m, trainer.featurizer, mesh, data, tokenizer, split)
     if config.head.kind == 'ctc':
       return {'test': r['wer'], 'cer_test': r['cer'],
               'best_path_test': r.get('greedy_wer', r['wer']),
@@ -86,10 +88,6 @@ def step_flops(study, task, method: str) -> float | None:
   """FLOPs of one training step of `method` on `task`'s first batch, cached in
   `<workdir>/flops/<task>/<method>.json` (the workers of a study count them as their cells
   finish, so the report does not wait for them)."""
-  from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
-  from tpa_jax.plan import costs  # pylint: disable=import-outside-toplevel
-  from tpa_jax.study.cells import Cell  # pylint: disable=import-outside-toplevel
-  from tpa_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   path = os.path.join(study.workdir, 'flops', task.short, f'{method}.json')
   if os.path.exists(path):
     with open(path) as f:

@@ -23,6 +23,8 @@ from tpa_jax import checkpoint, sharding
 from tpa_jax.checkpoint import spec as spec_lib
 from tpa_jax.data import random_task
 from tpa_jax.errors import ConfigError
+from tpa_jax.eval import scoring
+from tpa_jax.nn.params import FixedArray
 from tpa_jax.train import partition, trainer as trainer_lib, validation
 from tpa_jax.train.metrics import MetricsWriter, write_json
 from tpa_jax.train.preemption import Preemption
@@ -100,7 +102,6 @@ def keep_fixed_arrays(trainer: trainer_lib.Trainer, workdir: str) -> None:
   """A run's fixed random arrays (BEST-RQ's projection and codebooks: never trained, no
   optimizer state) are saved in `workdir/fixed_arrays` when the run starts, and a resumed run
   takes them from there: the run keeps its own arrays whatever the code would draw now."""
-  from tpa_jax.ssl.best_rq import FixedArray  # pylint: disable=import-outside-toplevel
   fixed = trainer.rest.filter(FixedArray)
   if not jax.tree.leaves(fixed):
     return
@@ -166,11 +167,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       writer = MetricsWriter(workdir)
       writer.truncate_after(start)  # steps after the checkpoint are run again
       if eval_every:
-        from tpa_jax.eval import evaluate  # pylint: disable=import-outside-toplevel
         scored = validation.validation_config(config)
         best = validation.BestStep(
             workdir, config.head.kind, writer=writer, run_info=record,
-            score=lambda: evaluate.evaluate_speech(scored, trainer.model(), trainer.featurizer,
+            score=lambda: scoring.evaluate_speech(scored, trainer.model(), trainer.featurizer,
                                                    mesh, data, tokenizer,
                                                    config.data.validation_split))
         best.resume(start)
@@ -216,8 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   if finish is not None and not preemption.requested:
     results.update(finish(trainer) or {})
   if scored_head and config.data.eval_split and not preemption.requested:
-    from tpa_jax.eval import evaluate  # pylint: disable=import-outside-toplevel
-    results['eval'] = evaluate.evaluate_speech(config, trainer.model(), trainer.featurizer,
+    results['eval'] = scoring.evaluate_speech(config, trainer.model(), trainer.featurizer,
                                                mesh, data, tokenizer, config.data.eval_split)
     results['eval']['step'] = (best.best['step'] if best is not None
                                else int(jax.device_get(trainer.state.step)))

@@ -1,4 +1,5 @@
-"""Task losses in float32: CTC for speech recognition, cross-entropy for utterance classification."""
+"""Task losses in float32: CTC for speech recognition, cross-entropy for utterance classification,
+BEST-RQ's masked prediction for self-supervised pre-training."""
 
 from __future__ import annotations
 
@@ -32,11 +33,46 @@ def classification_loss(logits_bc: jax.Array,
   return loss, {'accuracy': accuracy}
 
 
+def masked_prediction_loss(logits_btnc: jax.Array, targets_btn: jax.Array, masked_bt: jax.Array
+                                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean cross-entropy over masked frames and codebooks, and per-codebook accuracy at masked
+  frames. Frames (and targets) beyond the shorter of the logits' and targets' lengths are
+  dropped: a conv frontend may emit a frame or two fewer than T // stack."""
+  t = min(logits_btnc.shape[1], targets_btn.shape[1], masked_bt.shape[1])
+  logits, targets, w = logits_btnc[:, :t], targets_btn[:, :t], masked_bt[:, :t]
+  w = w.astype(jnp.float32)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]  # [B, T, N]
+  frames = jnp.maximum(w.sum(), 1.0)
+  loss = (nll * w[..., None]).sum() / (frames * nll.shape[-1])
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  accuracy = (correct * w[..., None]).sum((0, 1)) / frames  # [N]
+  return loss, {'loss': loss, 'accuracy': accuracy, 'masked_frames': w.sum()}
+
+
+def best_rq_loss(logits_btnc: jax.Array, batch: dict[str, jax.Array]
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """BEST-RQ's loss (tpa_jax.nn.best_rq) and metrics: masked-prediction cross-entropy, accuracy per codebook
+  at masked frames (`accuracy_<n>`), and codebook usage per codebook (`codebook_usage_<n>`: the
+  fraction of entries that are the target of some valid frame of the batch)."""
+  targets, masked = batch['ssl_targets'], batch['ssl_masked']
+  value, aux = masked_prediction_loss(logits_btnc, targets, masked)
+  n, c = targets.shape[-1], logits_btnc.shape[-1]
+  metrics = {'masked_frames': aux['masked_frames']}
+  valid = batch['ssl_valid']
+  for i in range(n):
+    metrics[f'accuracy_{i}'] = aux['accuracy'][i]
+    hits = jnp.zeros((c,), jnp.float32).at[targets[..., i].reshape(-1)].max(
+        valid.reshape(-1).astype(jnp.float32))
+    metrics[f'codebook_usage_{i}'] = hits.mean()
+  return value, metrics
+
+
 # task -> {batch key: (rank, dtype kind)}; kinds as numpy's dtype.kind ('i' int, 'b' bool).
 LABEL_SPECS = {
     'ctc': {'labels': (2, 'i'), 'label_mask': (2, 'b')},
     'classification': {'labels': (1, 'i')},
-    'best_rq': {},  # self-supervised: targets come from the audio (tpa_jax.ssl.best_rq)
+    'best_rq': {},  # self-supervised: targets come from the audio (tpa_jax.nn.best_rq)
 }
 _KIND_NAMES = {'i': 'an integer dtype', 'b': 'bool'}
 
@@ -60,8 +96,7 @@ def task_loss(task: str, logits: jax.Array, mask_bt: jax.Array,
   targets and masks (added by the train step)."""
   check_labels(task, batch)
   if task == 'best_rq':
-    from tpa_jax.ssl import best_rq  # pylint: disable=import-outside-toplevel
-    return best_rq.loss(logits, batch)
+    return best_rq_loss(logits, batch)
   if task == 'ctc':
     return ctc_loss(logits, mask_bt, batch['labels'], batch['label_mask'])
   return classification_loss(logits, batch['labels'])

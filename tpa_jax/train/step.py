@@ -17,63 +17,19 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tpa_jax import sharding
 from tpa_jax.audio.featurizer import Featurizer
-from tpa_jax.audio.spec_augment import spec_augment
+from tpa_jax.data.batches import batch_inputs
 from tpa_jax.errors import ConfigError
 from tpa_jax.nn.model import SpeechModel
 from tpa_jax.train import losses
-
-# A batch carries either features or audio (featurized inside the step).
-INPUT_KEYS = (('features', 'feature_mask'), ('audio', 'audio_lengths'))
-
 
 class TrainState(struct.PyTreeNode):
   """What a train step updates (and donates): the step, trainable weights, optimizer state."""
   step: jax.Array
   trainable: nnx.State
   opt_state: Any
-
-
-def batch_shardings(batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, NamedSharding]:
-  """Every batch array is split on its leading (batch) axis over the data-parallel mesh axes."""
-  return {k: sharding.named(mesh, ('batch',) + (None,) * (len(v.shape) - 1))
-          for k, v in batch.items()}
-
-
-def batch_inputs(batch: dict[str, jax.Array], featurizer: Featurizer | None,
-                 key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """(features, mask) of a batch: given, or computed from `audio` on device (SpecAugment when
-  `key` is given)."""
-  if 'audio' in batch:
-    if featurizer is None:
-      raise ValueError('a batch with audio needs a featurizer (config.features)')
-    features, mask = _featurize_rows(featurizer, batch['audio'], batch['audio_lengths'])
-    if key is not None and featurizer.spec_augment:
-      # As Featurizer.__call__ with a key: SpecAugment on the normalised features, drawn for
-      # the whole batch, so the masks do not depend on how the batch is split.
-      f = featurizer
-      features = spec_augment(
-          key, features, mask, num_freq_masks=f.num_freq_masks, max_freq_width=f.max_freq_width,
-          num_time_masks=f.num_time_masks, max_time_fraction=f.max_time_fraction,
-          max_time_width=f.max_time_width)
-    return features, mask
-  return batch['features'], batch['feature_mask']
-
-
-def _featurize_rows(featurizer: Featurizer, audio_bs: jax.Array,
-                    lengths_b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Features of each device's rows, computed on that device (they are per utterance). Left to
-  the partitioner, the FFT gathers the whole global batch onto every device."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return featurizer(audio_bs, lengths_b)
-  rows = sharding.logical_to_spec(('batch',), mesh_axis_names=mesh.axis_names)[0]
-  return jax.shard_map(lambda a, n: featurizer(a, n), mesh=mesh,
-                       in_specs=(P(rows, None), P(rows)),
-                       out_specs=(P(rows, None, None), P(rows, None)))(audio_bs, lengths_b)
 
 
 # Metrics summed over micro-batches; the others are averaged with the loss's weights.

@@ -26,12 +26,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tpa_jax import checkpoint, sharding
 from tpa_jax.audio import featurizer as featurizer_lib
 from tpa_jax.audio.featurizer import Featurizer
+from tpa_jax.data.batches import INPUT_KEYS, batch_shardings
 from tpa_jax.errors import ConfigError
-from tpa_jax.nn import build
+from tpa_jax.nn import best_rq, build
 from tpa_jax.nn.model import SpeechModel
 from tpa_jax.nn.params import AdapterParam
-from tpa_jax.train import losses, optim, partition
-from tpa_jax.train.step import INPUT_KEYS, TrainState, batch_shardings, make_train_step
+from tpa_jax.train import losses, optim, partition, validation
+from tpa_jax.train.step import TrainState, make_train_step
 
 
 def tree_shardings(tree, mesh: jax.sharding.Mesh):
@@ -280,10 +281,8 @@ def check_config(config: ml_collections.ConfigDict, *, mesh: bool = True) -> Non
   """Named errors for every config field a trainer cannot take, before data is prepared or
   anything compiles: the model, adapters, head, what trains, optimizer, features and (with
   `mesh`) the mesh are built from shapes alone on one device."""
-  from tpa_jax.train import validation  # pylint: disable=import-outside-toplevel
   validation.check_config(config)
   if config.head.kind == 'best_rq':
-    from tpa_jax.ssl import best_rq  # pylint: disable=import-outside-toplevel
     best_rq.check_config(config)
   if mesh:
     sharding.make_mesh(**config.mesh)  # does the mesh fit the devices?

@@ -19,27 +19,13 @@ from absl import logging
 from flax import nnx
 
 from tpa_jax import checkpoint, sharding
-from tpa_jax.audio.featurizer import Featurizer
 from tpa_jax.checkpoint import adapter_file
 from tpa_jax.checkpoint import spec as spec_lib
 from tpa_jax.data import random_task
 from tpa_jax.errors import CheckpointError, ConfigError
-from tpa_jax.eval import decoding, scoring
+from tpa_jax.eval import scoring
 from tpa_jax.train import trainer as trainer_lib
 from tpa_jax.train.metrics import write_json
-
-
-def evaluate_speech(config: ml_collections.ConfigDict, model: nnx.Module,
-                    featurizer: Featurizer | None, mesh: jax.sharding.Mesh, data, tokenizer,
-                    split: str) -> dict:
-  """WER/CER (CTC, with `config.decoding`) or accuracy of `model` on `split` of `data`."""
-  evaluator = scoring.evaluator(config.head.kind, featurizer, mesh)
-  decoder = None
-  if config.head.kind == 'ctc':
-    decoder = decoding.make_decoder(config.decoding, tokenizer,
-                                    lambda: data.texts(config.data.train_split))
-  return evaluator.evaluate(model, data.eval_batches(split, tokenizer), tokenizer,
-                            decoder=decoder)
 
 
 def _run_reader(workdir: str) -> checkpoint.RunCheckpointer | None:
@@ -78,6 +64,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     # -- data (sets the head's size from the tokenizer or the classes) -------------------------
     data = tokenizer = None
     if config.data.name != 'random':
+      # Imported here: TFDS and TensorFlow load in seconds, and the random task needs neither.
       from tpa_jax.data import datasets  # pylint: disable=import-outside-toplevel
       data, tokenizer = datasets.open_for_config(config, workdir, mesh)
 
@@ -127,7 +114,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
         random_task.TokenIds())
     result.pop('cer', None)  # the characters of '3 1 4' mean nothing
   else:
-    result = evaluate_speech(config, model, trainer.featurizer, mesh, data, tokenizer, split)
+    result = scoring.evaluate_speech(config, model, trainer.featurizer, mesh, data, tokenizer, split)
   out = {'split': split, 'data': config.data.name, 'step': step, 'evaluated': evaluated,
          'base_fingerprint': fingerprint['id'], **result}
   write_json(os.path.join(workdir, f'eval_{split}.json'), out)

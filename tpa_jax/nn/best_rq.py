@@ -1,4 +1,4 @@
-"""BEST-RQ (Chiu et al. 2022, arXiv 2202.01855): self-supervised targets from a random-projection
+"""BEST-RQ's model pieces (Chiu et al. 2022, arXiv 2202.01855): self-supervised targets from a random-projection
 quantizer that never trains, masked spans replaced by noise, and a loss over masked frames.
 
 - Targets: input features stacked to the encoder's frame rate (`stack` feature frames per
@@ -8,11 +8,12 @@ quantizer that never trains, masked spans replaced by noise, and a loss over mas
 - Masking: each valid encoder frame starts a masked span with probability `mask_prob`; a span
   covers `mask_span` encoder frames; the feature frames under masked encoder frames are
   replaced by Gaussian noise (`noise_std`).
-- Loss: a softmax head per codebook on the encoder output; cross-entropy at masked valid
-  frames only, averaged over those frames and the codebooks.
+- Heads: a softmax head per codebook on the encoder output. The loss (cross-entropy at masked
+  valid frames, `train.losses.best_rq_loss`) is the train step's; the config fields are
+  `config.ssl.ssl_fields`, and the pre-training run is `tpa_jax.ssl.pretrain`.
 
-The projection and codebooks are `FixedArray`s: saved with the run, matched by no trainable
-filter (they are not Params), so they get no gradient and no optimizer state.
+The projection and codebooks are `FixedArray`s (nn/params.py): saved with the run, matched by no
+trainable filter (they are not Params), so they get no gradient and no optimizer state.
 """
 
 from __future__ import annotations
@@ -24,33 +25,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from tpa_jax.audio.featurizer import output_frames
 from tpa_jax.errors import ConfigError
 from tpa_jax.nn.layers import Dense
-from tpa_jax.nn.params import HeadParam
+from tpa_jax.nn.params import FixedArray, HeadParam
 
-
-class FixedArray(nnx.Variable):
-  """Fixed random state of a run (BEST-RQ's projection and codebooks): not a Param, so no
-  trainable filter matches it."""
-
-
-def ssl_fields() -> ml_collections.ConfigDict:
-  """BEST-RQ: the quantizer, masking and noise."""
-  s = ml_collections.ConfigDict()
-  # Codebook entries (targets per codebook), their dimension, and independent codebooks.
-  s.codebook_size = 8192
-  s.code_dim = 16
-  s.num_codebooks = 1
-  # Feature frames stacked per target: 0 takes the frontend's subsampling factor (it must be
-  # that factor: one target per encoder frame).
-  s.stack = 0
-  # Each valid encoder frame starts a masked span with this probability; spans cover this many
-  # encoder frames.
-  s.mask_prob = 0.01
-  s.mask_span = 10
-  # Standard deviation of the noise that replaces masked features.
-  s.noise_std = 0.1
-  return s
 
 
 def frontend_stack(model_config) -> int:
@@ -102,13 +81,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   data must be audio, and `config.ssl` must fit the model and the shortest bucket."""
   if 'ssl' not in config:
     raise ConfigError("head.kind='best_rq' needs the config's ssl section "
-                      '(tpa_jax.ssl.best_rq.ssl_fields(), as configs/pretrain.py has)')
+                      '(tpa_jax.config.ssl.ssl_fields(), as configs/pretrain.py has)')
   if config.data.name == 'random':
     raise ConfigError("data.name='random': BEST-RQ pre-trains on audio, and the random task holds "
                       'synthetic features without audio; accepted: a TFDS speech dataset '
                       "('synthetic_speech/<domain>' or 'librispeech')")
-  # Imported here: the featurizer is JAX code with its own config checks.
-  from tpa_jax.audio.featurizer import output_frames  # pylint: disable=import-outside-toplevel
   shortest = min(config.data.bucket_seconds)
   frames = output_frames(config)(int(round(shortest * config.features.sample_rate_hz)))
   Settings.from_config(config, shortest_frames=frames)
@@ -193,22 +170,6 @@ class PredictionHeads(nnx.Module):
     return self.proj(x_btd)
 
 
-def masked_prediction_loss(logits_btnc: jax.Array, targets_btn: jax.Array, masked_bt: jax.Array
-                           ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean cross-entropy over masked frames and codebooks, and per-codebook accuracy at masked
-  frames. Frames (and targets) beyond the shorter of the logits' and targets' lengths are
-  dropped: a conv frontend may emit a frame or two fewer than T // stack."""
-  t = min(logits_btnc.shape[1], targets_btn.shape[1], masked_bt.shape[1])
-  logits, targets, w = logits_btnc[:, :t], targets_btn[:, :t], masked_bt[:, :t]
-  w = w.astype(jnp.float32)
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]  # [B, T, N]
-  frames = jnp.maximum(w.sum(), 1.0)
-  loss = (nll * w[..., None]).sum() / (frames * nll.shape[-1])
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  accuracy = (correct * w[..., None]).sum((0, 1)) / frames  # [N]
-  return loss, {'loss': loss, 'accuracy': accuracy, 'masked_frames': w.sum()}
-
 
 class BestRQHead(nnx.Module):
   """The pre-training head of a BEST-RQ run: the fixed quantizer (targets from the input
@@ -237,21 +198,3 @@ class BestRQHead(nnx.Module):
     features = mask_features(k_noise, features_btf, masked, s.stack, s.noise_std)
     return features, {'ssl_targets': jax.lax.stop_gradient(targets), 'ssl_masked': masked,
                       'ssl_valid': valid}
-
-
-def loss(logits_btnc: jax.Array, batch: dict[str, jax.Array]
-         ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The train step's loss and metrics: masked-prediction cross-entropy, accuracy per codebook
-  at masked frames (`accuracy_<n>`), and codebook usage per codebook (`codebook_usage_<n>`: the
-  fraction of entries that are the target of some valid frame of the batch)."""
-  targets, masked = batch['ssl_targets'], batch['ssl_masked']
-  value, aux = masked_prediction_loss(logits_btnc, targets, masked)
-  n, c = targets.shape[-1], logits_btnc.shape[-1]
-  metrics = {'masked_frames': aux['masked_frames']}
-  valid = batch['ssl_valid']
-  for i in range(n):
-    metrics[f'accuracy_{i}'] = aux['accuracy'][i]
-    hits = jnp.zeros((c,), jnp.float32).at[targets[..., i].reshape(-1)].max(
-        valid.reshape(-1).astype(jnp.float32))
-    metrics[f'codebook_usage_{i}'] = hits.mean()
-  return value, metrics
