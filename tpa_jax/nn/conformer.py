@@ -173,6 +173,18 @@ class ConformerEncoder(nnx.Module):
       x_btd = self._run_segment(x_btd, mask_bt, a, min(b, stop), offset, in_place)
     return x_btd
 
+  def hidden_states(self, features_btf: jax.Array, mask_bt: jax.Array
+                    ) -> tuple[list[jax.Array], jax.Array]:
+    """The frontend's output and every block's output (before the final norm): num_blocks + 1
+    arrays [B, T', D], and their mask. What layer-wise probes read; the block weights are read
+    in place (not differentiated)."""
+    x, mask = self.frontend(features_btf, mask_bt)
+    layers = [x]
+    for k in range(self.num_blocks):
+      x = self.run_blocks(x, mask, k, k + 1, in_place=True)
+      layers.append(x)
+    return layers, mask
+
   def finish(self, x_btd: jax.Array) -> jax.Array:
     return self.final_norm(x_btd) if self.final_norm is not None else x_btd
 
