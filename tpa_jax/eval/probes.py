@@ -49,17 +49,32 @@ class Standardizer:
     return ((x - self.mean.reshape(shape)) / self.std.reshape(shape)).astype(np.float32)
 
 
-def _adam(lr_r: jax.Array):
-  """Adam whose step size is the rate of each weight's (layer, rate) pair: weights are
-  [L, R, ...], `lr_r` is [R]."""
-  adam = optax.scale_by_adam()
+class _LinearProbes:
+  """Weights w [L, R, D, K] and b [L, R, K], zero-initialised (a convex problem: every layer
+  starts from the same place), and a jitted Adam step on `loss(params, *inputs)` whose step size
+  is the rate of each weight's (layer, rate) pair."""
 
-  def update(grads, state):
-    updates, state = adam.update(grads, state)
-    scale = lambda u: -u * lr_r.reshape((1, -1) + (1,) * (u.ndim - 2))
-    return jax.tree.map(scale, updates), state
+  def __init__(self, num_layers: int, dim: int, outputs: int, learning_rates: Sequence[float],
+               loss):
+    self.rates = tuple(float(r) for r in learning_rates)
+    l, r = num_layers, len(self.rates)
+    self.params = {'w': jnp.zeros((l, r, dim, outputs), jnp.float32),
+                   'b': jnp.zeros((l, r, outputs), jnp.float32)}
+    adam, lr_r = optax.scale_by_adam(), jnp.asarray(self.rates, jnp.float32)
+    self.opt_state = adam.init(self.params)
 
-  return adam.init, update
+    @jax.jit
+    def step(params, opt_state, *inputs):
+      value, grads = jax.value_and_grad(loss)(params, *inputs)
+      updates, opt_state = adam.update(grads, opt_state)
+      updates = jax.tree.map(lambda u: -u * lr_r.reshape((1, -1) + (1,) * (u.ndim - 2)), updates)
+      return optax.apply_updates(params, updates), opt_state, value
+
+    self._step = step
+
+  def _update(self, *inputs) -> float:
+    self.params, self.opt_state, value = self._step(self.params, self.opt_state, *inputs)
+    return float(value)
 
 
 def _choose(validation: np.ndarray, *, higher_is_better: bool) -> np.ndarray:
@@ -67,19 +82,11 @@ def _choose(validation: np.ndarray, *, higher_is_better: bool) -> np.ndarray:
   return (np.argmax if higher_is_better else np.argmin)(validation, axis=1)
 
 
-class ClassificationProbe:
+class ClassificationProbe(_LinearProbes):
   """Softmax classifiers on utterance vectors, one per (layer, rate)."""
 
   def __init__(self, num_layers: int, dim: int, num_classes: int,
                learning_rates: Sequence[float]):
-    self.rates = tuple(float(r) for r in learning_rates)
-    l, r = num_layers, len(self.rates)
-    # Zero-initialised: a convex problem, and every layer starts from the same place.
-    self.params = {'w': jnp.zeros((l, r, dim, num_classes), jnp.float32),
-                   'b': jnp.zeros((l, r, num_classes), jnp.float32)}
-    init, update = _adam(jnp.asarray(self.rates, jnp.float32))
-    self.opt_state = init(self.params)
-
     def logits(params, x_nld):
       return jnp.einsum('nld,lrdc->lrnc', x_nld, params['w']) + params['b'][:, :, None]
 
@@ -87,23 +94,13 @@ class ClassificationProbe:
       per = optax.softmax_cross_entropy_with_integer_labels(logits(params, x_nld), y_n[None, None])
       return per.mean(-1).sum()  # each pair's mean; the sum keeps their gradients apart
 
-    @jax.jit
-    def step(params, opt_state, x_nld, y_n):
-      value, grads = jax.value_and_grad(loss)(params, x_nld, y_n)
-      updates, opt_state = update(grads, opt_state)
-      return optax.apply_updates(params, updates), opt_state, value
-
-    self._step = step
+    super().__init__(num_layers, dim, num_classes, learning_rates, loss)
     self._logits = jax.jit(logits)
 
   def fit(self, x_nld: np.ndarray, y_n: np.ndarray, num_steps: int) -> list[float]:
     """Full-batch steps; returns the summed loss per step."""
     x, y = jnp.asarray(x_nld, jnp.float32), jnp.asarray(y_n, jnp.int32)
-    losses = []
-    for _ in range(num_steps):
-      self.params, self.opt_state, value = self._step(self.params, self.opt_state, x, y)
-      losses.append(float(value))
-    return losses
+    return [self._update(x, y) for _ in range(num_steps)]
 
   def accuracy(self, x_nld: np.ndarray, y_n: np.ndarray) -> np.ndarray:
     """Accuracy [L, R]."""
@@ -129,18 +126,11 @@ class CTCBatch:
   texts: list[str]
 
 
-class CTCProbe:
+class CTCProbe(_LinearProbes):
   """Linear CTC read-outs of frames, one per (layer, rate); vocabulary id 0 is the blank."""
 
   def __init__(self, num_layers: int, dim: int, vocab_size: int,
                learning_rates: Sequence[float]):
-    self.rates = tuple(float(r) for r in learning_rates)
-    l, r = num_layers, len(self.rates)
-    self.params = {'w': jnp.zeros((l, r, dim, vocab_size), jnp.float32),
-                   'b': jnp.zeros((l, r, vocab_size), jnp.float32)}
-    init, update = _adam(jnp.asarray(self.rates, jnp.float32))
-    self.opt_state = init(self.params)
-
     def logits(params, frames_lbtd):
       return (jnp.einsum('lbtd,lrdv->lrbtv', frames_lbtd, params['w'])
               + params['b'][:, :, None, None])
@@ -156,13 +146,7 @@ class CTCProbe:
       tokens = jnp.maximum(label_mask_bu.astype(jnp.float32).sum(), 1.0)
       return per.sum(-1).sum() / tokens  # per token within each pair, summed over pairs
 
-    @jax.jit
-    def step(params, opt_state, frames, mask, labels, label_mask):
-      value, grads = jax.value_and_grad(loss)(params, frames, mask, labels, label_mask)
-      updates, opt_state = update(grads, opt_state)
-      return optax.apply_updates(params, updates), opt_state, value
-
-    self._step = step
+    super().__init__(num_layers, dim, vocab_size, learning_rates, loss)
     self._log_probs = jax.jit(lambda p, f: jax.nn.log_softmax(logits(p, f), -1))
 
   def fit(self, batches: Sequence[CTCBatch], num_steps: int, *, seed: int = 0) -> list[float]:
@@ -173,10 +157,8 @@ class CTCProbe:
       if not order:
         order = list(rng.permutation(len(batches)))
       b = batches[order.pop()]
-      self.params, self.opt_state, value = self._step(
-          self.params, self.opt_state, jnp.asarray(b.frames, jnp.float32), jnp.asarray(b.mask),
-          jnp.asarray(b.labels, jnp.int32), jnp.asarray(b.label_mask))
-      losses.append(float(value))
+      losses.append(self._update(jnp.asarray(b.frames, jnp.float32), jnp.asarray(b.mask),
+                                 jnp.asarray(b.labels, jnp.int32), jnp.asarray(b.label_mask)))
     return losses
 
   def error_rates(self, batches: Sequence[CTCBatch], tokenizer) -> dict[str, np.ndarray]:

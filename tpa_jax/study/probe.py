@@ -122,12 +122,10 @@ def _layers_fn(model, featurizer, mesh):
   return call
 
 
-def extract(config: ml_collections.ConfigDict, model, featurizer, mesh, data, tokenizer,
-            split: str):
-  """Every layer's output over `split`: utterance vectors [n, L, D] and labels
+def extract(config: ml_collections.ConfigDict, run, data, tokenizer, split: str):
+  """Every layer's output over `split` (`run`: a `_layers_fn`): utterance vectors [n, L, D] and labels
   (classification), or a list of `probes.CTCBatch` (CTC; train batches keep only utterances
   whose labels fit their frames). Also the train-statistics inputs: sums, squares, count."""
-  run = _layers_fn(model, featurizer, mesh)
   ctc = config.head.kind == 'ctc'
   vectors, labels, batches = [], [], []
   sums = squares = None
@@ -173,16 +171,15 @@ def probe_task(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
   task; returns {'layers': [...], 'metric', 'base_fingerprint'}."""
   data, tokenizer = datasets.open_for_config(config, workdir, mesh)
   model = trainer_lib.load_model(config, mesh)
-  featurizer = make_featurizer(config)
+  run = _layers_fn(model, make_featurizer(config), mesh)  # one program for the three splits
   p = config.probe
-  rates = cells_lib.learning_rates(ml_collections.ConfigDict(
-      {'study': {'learning_rates': p.learning_rates}}))
+  rates = _rates(p)
   layers = model.encoder.num_blocks + 1
   splits = (config.data.train_split, config.data.validation_split, 'test')
-  train, stats = extract(config, model, featurizer, mesh, data, tokenizer, splits[0])
+  train, stats = extract(config, run, data, tokenizer, splits[0])
   scale = probes.Standardizer.fit(*stats)
-  validation, _ = extract(config, model, featurizer, mesh, data, tokenizer, splits[1])
-  test, _ = extract(config, model, featurizer, mesh, data, tokenizer, splits[2])
+  validation, _ = extract(config, run, data, tokenizer, splits[1])
+  test, _ = extract(config, run, data, tokenizer, splits[2])
   if config.head.kind == 'ctc':
     for batches in (train, validation, test):
       for b in batches:
@@ -209,8 +206,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   c = ml_collections.ConfigDict(config.to_dict())
   c.study.tasks = config.probe.tasks
   tasks = cells_lib.parse_tasks(c)
-  rates = cells_lib.learning_rates(ml_collections.ConfigDict(
-      {'study': {'learning_rates': config.probe.learning_rates}}))
+  rates = _rates(config.probe)
   if int(config.probe.num_steps) < 1:
     raise ConfigError(f'probe.num_steps={config.probe.num_steps}: a positive integer')
   # Probes compile small programs; one device holds the frozen base (it is run, not trained).
@@ -245,6 +241,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     f.write(table(results))
   plot(results, os.path.join(workdir, 'probe.png'))
   return results
+
+
+def _rates(probe: ml_collections.ConfigDict) -> list[float]:
+  """probe.learning_rates parsed as the study parses its grid."""
+  return cells_lib.learning_rates(ml_collections.ConfigDict(
+      {'study': {'learning_rates': probe.learning_rates}}))
 
 
 def _base_id(path: str) -> str:
