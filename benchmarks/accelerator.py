@@ -37,9 +37,13 @@ PLANS = {
         ('attention.py', ['--preset=600m', '--frames=1500', '--batch=8', f'--impls={impls}'], 60),
         ('serving.py', ['--model=demo', '--repeats=3'], 120),
     ],
-    # One process for the three methods: the smoke run's time is mostly process start-up.
+    # One process for the three methods: the smoke run's time is mostly start-up and compiling
+    # (about 25 s per method and implementation on 2 cores). TPA runs every implementation
+    # (forward and backward through the attention); full runs the reference and
+    # tpa_upper_half the Pallas kernel (forward only in its frozen lower half).
     'tiny': lambda impls, trace: [
-        ('train_step.py', ['--preset=tiny', '--methods=tpa,full,tpa_upper_half',
+        ('train_step.py', ['--preset=tiny',
+                           '--methods=tpa,full:xla,tpa_upper_half:pallas',
                            f'--attention_impls={impls}', '--per_device_batch=1', '--seconds=2',
                            '--steps=1', *trace], 180),
         ('attention.py', ['--preset=tiny', '--frames=100', '--batch=2', f'--impls={impls}',

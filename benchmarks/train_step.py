@@ -6,6 +6,7 @@ Usage (on an accelerator; one JSON line per method):
   python benchmarks/train_step.py --preset=tiny --seconds=2 --steps=2     # a CPU smoke run
   python benchmarks/train_step.py --methods=tpa --set model.position=none  # an ablation
   python benchmarks/train_step.py --methods=tpa --attention_impls=xla,chunked
+  python benchmarks/train_step.py --methods=tpa,full:xla    # full with xla only (METHOD:IMPL+IMPL)
   (an implementation that falls back to one already measured, cudnn on CPU say, prints a line
   naming it, `same_as`, instead of measuring it again)
 
@@ -149,7 +150,9 @@ def measure(preset: str, method: str, attention_impl: str, args, mesh) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--preset', default='600m', choices=sorted(config_lib.MODEL_PRESETS))
-  parser.add_argument('--methods', default='full,tpa,tpa_upper_half')
+  parser.add_argument('--methods', default='full,tpa,tpa_upper_half',
+                      help='comma-separated; METHOD:IMPL+IMPL measures that method with those '
+                           'attention implementations instead of --attention_impls')
   parser.add_argument('--attention_impls', default='xla',
                       help='model.attention_impl values, each measured for every method')
   parser.add_argument('--per_device_batch', type=int, default=8)
@@ -164,9 +167,10 @@ def main():
                       help='dense bf16 TFLOP/s of one device; 0: from PEAK_TFLOPS by device kind')
   args = parser.parse_args()
   mesh = sharding.make_mesh(data=1, fsdp=-1)
-  for method in args.methods.split(','):
+  for entry in args.methods.split(','):
+    method, _, own = entry.partition(':')
     measured = {}  # implementation that ran -> the first attention_impl that ran it
-    for impl in args.attention_impls.split(','):
+    for impl in (own.split('+') if own else args.attention_impls.split(',')):
       ran = attention_ran(impl_config(args.preset, method, impl, args)[0])
       if ran in measured:  # a fallback to one already measured: device time is not spent twice
         print(json.dumps({'method': method, 'attention_impl': impl, 'attention_ran': ran,

@@ -60,14 +60,14 @@ def runs(tmp_path_factory):
                                                     f'--config.train.num_steps={NUM_STEPS}')
     first = train_job(str(base), 'two-processes').start_processes(two, 2,
                                                             '--config.train.num_steps=1000')
-    while not logged_steps(two) or max(logged_steps(two)) < 4:
+    while not logged_steps(two) or max(logged_steps(two)) < 2:
       if time.time() > deadline or any(p.poll() is not None for p in first.procs):
         first.procs += reference.procs  # (killed with the others)
-        first.fail('ended or hung before step 4')
+        first.fail('ended or hung before step 2')
       time.sleep(0.1)
     first.procs[1].send_signal(signal.SIGTERM)  # a maintenance event on one host only
     first.wait(deadline)
-    stopped_at = committed(two)
+    saved = committed(two)
     results = json.load(open(os.path.join(two, 'results.json')))
     reference.wait(deadline)
 
@@ -75,7 +75,7 @@ def runs(tmp_path_factory):
     resumed = train_job(str(base), 'resumed').start_processes(two, 2,
                                                         f'--config.train.num_steps={NUM_STEPS}')
     resumed.wait(deadline)
-    return dict(two=two, one=one, stopped_at=stopped_at, results=results,
+    return dict(two=two, one=one, saved=saved, results=results,
                 first_logs=[first.log(i) for i in range(2)],
                 resumed_logs=[resumed.log(i) for i in range(2)])
   return built_once(tmp_path_factory, 'multihost', build)[1]
@@ -83,11 +83,13 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow(seconds=87)  # (when it is the test that builds `runs`)
 def test_sigterm_to_one_process_stops_every_process_at_one_saved_step(runs):
-  stopped_at = runs['stopped_at']
-  assert len(stopped_at) == 1, stopped_at
-  step = stopped_at[0]
-  assert 4 < step < NUM_STEPS
-  assert runs['results']['preempted'] is True and runs['results']['step'] == step
+  # The processes agree on the step through JAX's preemption service, a few steps after the
+  # signal on a busy machine: the saves are the periodic ones before it, and that step last.
+  results = runs['results']
+  step = results['step']
+  assert results['preempted'] is True and 2 < step < NUM_STEPS
+  assert runs['saved'][-1] == step, runs['saved']
+  assert all(s % 10 == 0 for s in runs['saved'][:-1]), runs['saved']
   for i in range(2):
     assert f'every process saves step {step}, then exits' in runs['first_logs'][i]
 
@@ -95,7 +97,7 @@ def test_sigterm_to_one_process_stops_every_process_at_one_saved_step(runs):
 @pytest.mark.slow(seconds=85)
 def test_resumed_two_process_run_equals_the_one_process_run(runs):
   for i in range(2):
-    assert f'resumed from step {runs["stopped_at"][0]}' in runs['resumed_logs'][i]
+    assert f'resumed from step {runs["results"]["step"]}' in runs['resumed_logs'][i]
   two, one = saved_state(runs['two'], NUM_STEPS), saved_state(runs['one'], NUM_STEPS)
   assert two.keys() == one.keys()
   for key in one:

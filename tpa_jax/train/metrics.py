@@ -13,10 +13,23 @@ import itertools
 import json
 import numbers
 import os
+import sys
 
 import jax
-import tensorboardX
-from tensorboardX.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+# tensorboardX imports torch where it is installed (about 3 s of every process's start-up) only
+# to accept torch tensors, which nothing here passes: torch is hidden while it loads (a None in
+# sys.modules makes `import torch` fail, which tensorboardX allows), unless already imported.
+_HIDE_TORCH = 'torch' not in sys.modules
+if _HIDE_TORCH:
+  sys.modules['torch'] = None
+try:
+  import tensorboardX  # pylint: disable=wrong-import-position
+  from tensorboardX.proto import (  # pylint: disable=wrong-import-position
+      summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2)
+finally:
+  if _HIDE_TORCH:
+    del sys.modules['torch']
 
 _FILES = itertools.count()  # (one file per writer, however many a process opens in a second)
 
