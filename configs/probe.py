@@ -7,8 +7,10 @@ for language ID and Spanish ASR, to see where each base keeps what adapters need
   python launch/probe.py --config=configs/probe.py:tiny --workdir=/tmp/probe        # tests
 
 The model, features, data and BEST-RQ stage are the study's `ssl` variant's (configs/study.py),
-so `best_rq`, `random` and `supervised` are the bases that study adapts, cached where it caches
-them (`--config.study.base_workdir`).
+so `best_rq`, `random` and `supervised` are the bases that study adapts. `supervised` and
+`best_rq` are cached where the study caches them (under `--config.study.base_workdir`, else
+the workdir), `best_rq@STEPS` beside them in best_rq-STEPS/, and `random` (written from
+`seed`, seconds) in <workdir>/bases/random.
 """
 
 import os

@@ -82,7 +82,9 @@ def study_fields(num_blocks: int) -> ml_collections.ConfigDict:
   # The frozen base: 'supervised' (the demo's base, pre-trained with CTC on `source`),
   # 'best_rq' (pre-trained with BEST-RQ on the audio of `source`, the config's ssl and
   # ssl_pretrain sections; cached in <base_workdir or workdir>/best_rq) or 'random' (the same
-  # architecture at its random initialisation). base.path, when given, overrides it.
+  # architecture at its random initialisation) or 'best_rq_keepK' (the BEST-RQ base's frontend
+  # and lowest K blocks under the random base's blocks above them). base.path, when given,
+  # overrides it.
   s.base = 'supervised'
   # ssl: the bases compared, each a study of its own in <workdir>/<base> ('' : study.base only).
   s.bases = ''

@@ -77,7 +77,8 @@ flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
-  cli.start(argv)
+  # Steps are compiled, never run: the simulated devices' collectives need no thread pool.
+  cli.start(argv, size_threads=False)
   config, accelerator = _CONFIG.value, _ACCELERATOR.value
   try:
     counts = sorted({int(n) for n in _SWEEP.value}) or [_DEVICES.value]

@@ -7,10 +7,12 @@ Usage:
   python launch/probe.py --config=configs/probe.py:tiny --workdir=/tmp/probe
 
 Bases (--bases, default the config's probe.bases): random, supervised (the demo's base),
-best_rq (the study's BEST-RQ base), best_rq@STEPS, NAME=PATH. A base that is not cached is
-pre-trained (or written) once. Writes probe.json, probe.md (test score per base and layer, the
-rate chosen per layer on validation) and probe.png (score against layer, one line per base)
-into --workdir; probes already cached there for a base are not trained again.
+best_rq (the study's BEST-RQ base), best_rq@STEPS (a BEST-RQ pre-training run of STEPS steps,
+its own base), NAME=PATH. A base that is not cached is pre-trained (or written) once. Writes
+probe.json, probe.md (the test score per base and layer at the rate validation chose for that
+layer, and the layer validation chose) and probe.png (score against layer, one line per base)
+into --workdir, and prints probe.md; probes already cached there for a base (same weights,
+data and settings) are not trained again.
 """
 
 import os

@@ -9,11 +9,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ctc_batch, tiny_config
+from conftest import ctc_batch, host_arrays, tiny_config
+from tpa_jax.config.files import load_config_file
 from tpa_jax.data.tokenizer import CharTokenizer
 from tpa_jax.errors import ConfigError
 from tpa_jax.eval import probes
@@ -133,6 +135,82 @@ def test_bases_are_parsed_with_named_errors():
                      ('random,random', 'twice'), ('', 'no base'), ('x=', 'needs both')):
     with pytest.raises(ConfigError, match=named):
       probe_lib.parse_bases(bad)
+
+
+def _probe_config():
+  return load_config_file(os.path.join(ROOT, 'configs', 'probe.py') + ':tiny')
+
+
+def test_probe_fields_get_named_errors_before_anything_runs(tmp_path):
+  for field, value, named in (('learning_rates', '1e-2,x', 'probe.learning_rates'),
+                              ('num_steps', 0, 'probe.num_steps'),
+                              ('tasks', 'synthetic_speech/nowhere', 'probe.tasks')):
+    config = _probe_config()
+    config.probe[field] = value
+    with pytest.raises(ConfigError, match=named):
+      probe_lib.run(config, str(tmp_path / 'w'))
+    assert not os.path.exists(tmp_path / 'w' / 'bases')  # no base was written
+
+
+def test_the_best_layer_is_chosen_on_validation_not_test():
+  # Validation and test disagree on both tasks: test would choose the other layer.
+  layers = [{'layer': 0, 'validation': 0.6, 'test': 0.5, 'test_wer': 0.9},
+            {'layer': 1, 'validation': 0.9, 'test': 0.4, 'test_wer': 0.8}]
+  results = {'num_steps': 1, 'learning_rates': [0.1], 'tasks': {
+      'asr': {'b': {'metric': 'cer', 'layers': layers}},  # CER: lower is better
+      'lid': {'b': {'metric': 'accuracy', 'layers': [dict(r) for r in layers]}}}}
+  table = probe_lib.table(results)
+  asr, lid = table.split('## lid')
+  assert '| b | **50.0** | 40.0 | 0 |' in asr  # the lower validation CER
+  assert '| b | 50.0 | **40.0** | 1 |' in lid  # the higher validation accuracy
+
+
+def test_the_cache_key_follows_the_weights_data_and_tokenizer():
+  config = _probe_config()
+  config.study.tasks = 'synthetic_speech/target_lang_tiny'
+  task = probe_lib.cells_lib.parse_tasks(config)[0]
+  key = lambda c, fp='a', tok=CharTokenizer('ab'), data='d': probe_lib.cache_key(
+      c, task, fp, [0.1], tok, data)
+  base = key(config)
+  assert json.loads(json.dumps(base)) == base  # equal to itself read back from the cache
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.data.data_dir = '/elsewhere'  # where the data lies is not what it holds
+  assert key(other) == base
+  other.features.hop_ms = 20.0
+  changed = [key(config, fp='b'), key(config, tok=CharTokenizer('abc')),
+             key(config, data='e'), key(other)]
+  assert all(k != base for k in changed)
+
+
+def test_a_kept_base_is_the_lower_bases_bottom_under_the_upper_bases_top(tmp_path, mesh1):
+  from tpa_jax import checkpoint
+  from tpa_jax.study import base as base_lib
+  config = tiny_config('head')
+  lower = base_lib.random_base(config, str(tmp_path / 'lower'), mesh1)
+  config.seed = 7
+  upper = base_lib.random_base(config, str(tmp_path / 'upper'), mesh1)
+  path = base_lib.kept_base(config, lower, upper, 1, str(tmp_path / 'kept'), mesh1)
+  arrays = {name: host_arrays(p) for name, p in
+            (('lower', lower), ('upper', upper), ('kept', path))}
+  blocks = [k for k in arrays['kept'] if k.startswith("['blocks']")]
+  assert blocks and any(k.startswith("['frontend']") for k in arrays['kept'])
+  for k, x in arrays['kept'].items():
+    if k.startswith("['frontend']"):
+      np.testing.assert_array_equal(x, arrays['lower'][k])
+    else:
+      np.testing.assert_array_equal(x[:1], arrays['lower'][k][:1])
+      np.testing.assert_array_equal(x[1:], arrays['upper'][k][1:])
+  # (the two bases differ there: the test tells them apart)
+  assert any(not np.array_equal(arrays['lower'][k][1:], arrays['upper'][k][1:]) for k in blocks)
+  # Written once: the same inputs find it by its fingerprint.
+  stamp = os.path.getmtime(path)
+  assert base_lib.kept_base(config, lower, upper, 1, str(tmp_path / 'kept'), mesh1) == path
+  assert os.path.getmtime(path) == stamp
+  assert checkpoint.read_metadata(path)['fingerprint']['keep_blocks'] == 1
+  n = config.model.num_blocks
+  config.study = ml_collections.ConfigDict({'base': f'best_rq_keep{n}', 'bases': ''})
+  with pytest.raises(ConfigError, match=f'K must be 1 .. {n - 1}'):
+    base_lib.check(config)
 
 
 def _probe(workdir, *args):

@@ -264,6 +264,31 @@ def test_eval_batches_cover_every_usable_example_once(corpus):
   assert sorted(seen) == sorted(x['transcript'].decode() for x in source)
 
 
+def test_eval_batches_as_trained_hold_the_utterances_training_reads_uncut(corpus):
+  # 12 tokens a second: a 2 s bucket holds 24 labels, and the longer characters-level
+  # transcripts of this domain do not fit theirs.
+  data = open_data(corpus, max_tokens_per_second=12.0)
+  tok = data.tokenizer(config_lib.base_config().tokenizer, corpus.root)
+
+  def fits(ex):  # the rule written out: one frame per label and a blank between repeats
+    ids = tok.encode(ex['transcript'].decode())
+    need = len(ids) + sum(a == b for a, b in zip(ids, ids[1:]))
+    n = np.asarray(ex['audio']).size
+    return need <= min(data.frames(n), data.label_capacity(data.bucket_for(n)))
+  source = corpus.as_data_source(split='train')
+  expected = sorted(x['transcript'].decode() for x in source if fits(x))
+  assert 0 < len(expected) < len(source)  # the rule drops some, not all
+  seen = []
+  for batch, texts in data.eval_batches('train', tok, as_trained=True):
+    n = int(batch['weight'].sum())
+    for ids, mask, text in zip(batch['labels'][:n], batch['label_mask'][:n], texts):
+      assert list(ids[mask]) == tok.encode(text)  # no label is cut
+    seen += texts
+  assert sorted(seen) == expected
+  # Without it every usable utterance is read, whatever its labels.
+  assert sum(len(t) for _, t in data.eval_batches('train', tok)) == len(source)
+
+
 # -- LibriSpeech through TFDS's own builder (mocked: nothing is downloaded) ----------------------
 
 def test_librispeech_reads_through_the_tfds_builder(tmp_path):

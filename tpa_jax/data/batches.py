@@ -13,7 +13,7 @@ from tpa_jax import sharding
 from tpa_jax.audio.featurizer import Featurizer
 from tpa_jax.audio.spec_augment import spec_augment
 
-# A batch carries either features or audio (featurized inside the step).
+# A batch carries either features or audio (featurized on device by the program that reads it).
 INPUT_KEYS = (('features', 'feature_mask'), ('audio', 'audio_lengths'))
 
 

@@ -267,11 +267,13 @@ class SpeechData:
         seed=seed, num_batches=num_batches, process_index=jax.process_index(),
         process_count=jax.process_count(), num_threads=self.num_threads)
 
-  def eval_batches(self, split: str, tokenizer=None):
+  def eval_batches(self, split: str, tokenizer=None, *, as_trained: bool = False):
     """Every usable example of `split` once; padded rows have `weight` 0. Also returns the
     transcripts of the real rows, in batch order, for scoring. Only unusable audio is skipped:
-    every model is scored on the same utterances, whatever its tokenizer."""
-    index = self.index(split)
+    every model is scored on the same utterances, whatever its tokenizer. With `as_trained`,
+    only the examples a training run reads (`index` with the tokenizer, for CTC: every label
+    fits its frames and its bucket, so none is cut)."""
+    index = self.index(split, tokenizer if as_trained and self.task == 'ctc' else None)
     return pipeline.eval_batches(self.source(split), index, self.buckets,
                                  functools.partial(self.collate, tokenizer),
                                  batch_size=self.eval_batch_size, text_fn=self.text)

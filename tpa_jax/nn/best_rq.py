@@ -10,7 +10,7 @@ quantizer that never trains, masked spans replaced by noise, and a loss over mas
   replaced by Gaussian noise (`noise_std`).
 - Heads: a softmax head per codebook on the encoder output. The loss (cross-entropy at masked
   valid frames, `train.losses.best_rq_loss`) is the train step's; the config fields are
-  `config.ssl.ssl_fields`, and the pre-training run is `tpa_jax.ssl.pretrain`.
+  `tpa_jax.config.ssl.ssl_fields()`, and the pre-training run is `tpa_jax.ssl.pretrain`.
 
 The projection and codebooks are `FixedArray`s (nn/params.py): saved with the run, matched by no
 trainable filter (they are not Params), so they get no gradient and no optimizer state.

@@ -67,15 +67,18 @@ def fast_cpu_compile() -> None:
     os.environ['XLA_FLAGS'] = f'{flags_now} --xla_backend_optimization_level=1'.strip()
 
 
-def start(argv: list[str], *, num_processes: int = 1, optimize_cpu_compile: bool = False) -> None:
+def start(argv: list[str], *, num_processes: int = 1, optimize_cpu_compile: bool = False,
+          size_threads: bool = True) -> None:
   """The start of a launch program's `main`, before JAX starts its backend: no positional
-  arguments, the CPU thread pool sized for simulated devices (`num_processes` of the job), with
+  arguments, the CPU thread pool sized for simulated devices (`num_processes` of the job; not
+  with `size_threads=False`, for a program that compiles but runs no collective), with
   `optimize_cpu_compile` XLA's faster CPU compile (`fast_cpu_compile`), readable logs."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if optimize_cpu_compile:
     fast_cpu_compile()
-  threads_for_simulated_devices(num_processes)
+  if size_threads:
+    threads_for_simulated_devices(num_processes)
   quiet_library_logs()
 
 

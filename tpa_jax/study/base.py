@@ -7,7 +7,10 @@ initialisation."""
 from __future__ import annotations
 
 import os
+import re
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
@@ -30,16 +33,33 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
       os.path.join(workdir, 'data'))
 
 
-BASES = ('supervised', 'best_rq', 'random')
+BASES = ('supervised', 'best_rq', 'random', 'best_rq_keepK')
+# best_rq_keepK: the BEST-RQ base's frontend and lowest K blocks, under the random base's
+# blocks above them (the layer probes find what adapters need in BEST-RQ's lower blocks only).
+_KEEP = re.compile(r'best_rq_keep(\d+)')
+
+
+def kept_blocks(name: str) -> int | None:
+  """K of a 'best_rq_keepK' base name, else None."""
+  match = _KEEP.fullmatch(name)
+  return int(match.group(1)) if match else None
+
+
+def is_base(name: str) -> bool:
+  return name in BASES[:3] or kept_blocks(name) is not None
 
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Named errors for study.base and study.bases, before anything runs."""
   s = config.study
   for name in [s.base] + [b.strip() for b in s.bases.split(',') if b.strip()]:
-    if name not in BASES:
+    if not is_base(name):
       raise ConfigError(f'study.base(s) names {name!r}: accepted bases are {BASES}')
-    if name == 'best_rq' and ('ssl' not in config or 'ssl_pretrain' not in config):
+    keep = kept_blocks(name)
+    if keep is not None and not 0 < keep < config.model.num_blocks:
+      raise ConfigError(f'study base {name!r}: K must be 1 .. {config.model.num_blocks - 1} '
+                        f'(model.num_blocks={config.model.num_blocks})')
+    if name.startswith('best_rq') and ('ssl' not in config or 'ssl_pretrain' not in config):
       raise ConfigError("study base 'best_rq' needs the ssl and ssl_pretrain sections of "
                         'BEST-RQ pre-training: use configs/study.py:ssl or :best_rq')
 
@@ -61,6 +81,13 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, mesh) -> tuple[str,
                                                 'best_rq')), data
   if config.study.base == 'random':
     return random_base(config, os.path.join(workdir, 'base'), mesh), data
+  if kept_blocks(config.study.base) is not None:
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.data.data_dir = data
+    lower = pretrain.ensure_base(c, os.path.join(config.study.base_workdir or workdir, 'best_rq'))
+    upper = random_base(config, os.path.join(workdir, 'random'), mesh)
+    return kept_base(config, lower, upper, kept_blocks(config.study.base),
+                     os.path.join(workdir, 'base'), mesh), data
   if 'demo' not in config:
     raise ConfigError("base.path='' and the config has no demo section to pre-train a base "
                       'with; pass --config.base.path')
@@ -99,4 +126,42 @@ def random_base(config: ml_collections.ConfigDict, path: str, mesh) -> str:
   checkpoint.save_state(encoder, checkpoint.base_state(model),
                         metadata={'fingerprint': key, 'random_init': True})
   logging.info('a randomly initialised base (seed %d) written to %s', config.seed, encoder)
+  return encoder
+
+
+def kept_base(config: ml_collections.ConfigDict, lower: str, upper: str, keep: int, path: str,
+              mesh) -> str:
+  """A base of the frontend and lowest `keep` blocks of the encoder at `lower`, and the blocks
+  above them (and anything after the blocks) of the encoder at `upper`, written once to
+  `path`/encoder and named by both bases' fingerprints."""
+  encoder = os.path.join(path, 'encoder')
+  fingerprint = lambda p: (checkpoint.read_metadata(p) or {}).get('fingerprint')
+  key = {'lower': fingerprint(lower), 'upper': fingerprint(upper), 'keep_blocks': keep}
+  meta = checkpoint.read_metadata(encoder)
+  if meta is not None and meta.get('fingerprint') == key:
+    return encoder
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.adapter.placement = 'none'
+  target = checkpoint.base_state(build.create_model(c, mesh))
+  with jax.set_mesh(mesh):
+    low = checkpoint.restore_state(lower, target, stored_dtype=True)
+    high = checkpoint.restore_state(upper, target, stored_dtype=True)
+
+  def pick(key_path, a, b):
+    part = key_path[0].key
+    if part == 'frontend':
+      return a
+    if part != 'blocks':
+      return b
+    if a.shape[0] != config.model.num_blocks:
+      raise ConfigError(f'{jax.tree_util.keystr(key_path)}: expected {config.model.num_blocks} '
+                        f'stacked blocks, found shape {a.shape}')
+    return jnp.concatenate([a[:keep], b[keep:].astype(a.dtype)])
+
+  with jax.set_mesh(mesh):
+    mixed = jax.tree_util.tree_map_with_path(pick, low, high)
+  checkpoint.save_state(encoder, mixed, metadata={'fingerprint': key, 'lower': lower,
+                                                  'upper': upper})
+  logging.info('blocks 1-%d of %s under blocks %d-%d of %s written to %s', keep, lower,
+               keep + 1, config.model.num_blocks, upper, encoder)
   return encoder

@@ -23,6 +23,7 @@ adding a base probes only the new one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -45,7 +46,7 @@ from tpa_jax.study import cells as cells_lib
 from tpa_jax.train import trainer as trainer_lib
 from tpa_jax.train.metrics import write_json
 
-BASE_FORMS = ('random', 'supervised', 'best_rq', 'best_rq@STEPS', 'NAME=PATH')
+BASE_FORMS = ('random', 'supervised', 'best_rq', 'best_rq@STEPS', 'best_rq_keepK', 'NAME=PATH')
 
 
 
@@ -63,7 +64,7 @@ def parse_bases(value: str) -> list[tuple[str, str]]:
       if not steps.isdigit() or int(steps) < 1:
         raise ConfigError(f'probe.bases entry {entry!r}: best_rq@STEPS takes a positive '
                           'number of pre-training steps')
-    elif name not in base_lib.BASES:
+    elif not base_lib.is_base(name):
       raise ConfigError(f'probe.bases entry {entry!r}: accepted forms are {BASE_FORMS}')
     if name in [n for n, _ in out]:
       raise ConfigError(f'probe.bases names {name!r} twice')
@@ -122,35 +123,31 @@ def _layers_fn(model, featurizer, mesh):
   return call
 
 
-def extract(config: ml_collections.ConfigDict, run, data, tokenizer, split: str):
-  """Every layer's output over `split` (`run`: a `_layers_fn`): utterance vectors [n, L, D] and labels
-  (classification), or a list of `probes.CTCBatch` (CTC; train batches keep only utterances
-  whose labels fit their frames). Also the train-statistics inputs: sums, squares, count."""
+def extract(config: ml_collections.ConfigDict, run, data, tokenizer, split: str,
+            scale: probes.Standardizer | None = None):
+  """Every layer's output over `split` (`run`: a `_layers_fn`): utterance vectors [n, L, D] and
+  labels (classification), or a list of `probes.CTCBatch` (CTC). Also the train-statistics
+  inputs: sums, squares, count. The train split holds the examples a training run reads (for
+  CTC, labels that fit their frames, none cut); the others every usable example. CTC frames
+  are kept in float32, or standardised by `scale` and stored in float16 (half the memory, and
+  no overflow of large raw activations)."""
   ctc = config.head.kind == 'ctc'
   vectors, labels, batches = [], [], []
   sums = squares = None
   count = 0.0
-  for batch, refs in data.eval_batches(split, tokenizer):
+  train = split == config.data.train_split
+  for batch, refs in data.eval_batches(split, tokenizer, as_trained=train):
     n = int(batch['weight'].sum())
     arrays = {k: v for k, v in batch.items() if k != 'weight'}
     hidden, mask = run(arrays)
     hidden, mask = np.asarray(hidden)[:, :n], np.asarray(mask)[:n].astype(bool)
     if ctc:
-      keep = np.ones(n, bool)
-      if split == config.data.train_split:
-        lengths = mask.sum(-1)
-        keep = np.array([datasets.ctc_length(list(np.asarray(lab)[np.asarray(lm, bool)]))
-                         <= lengths[i] for i, (lab, lm) in
-                         enumerate(zip(batch['labels'][:n], batch['label_mask'][:n]))])
-      hidden, mask = hidden[:, keep], mask[keep]
-      if not keep.any():
-        continue
       frames = hidden[:, mask].astype(np.float64)  # [L, frames, D]
       s, q, c = frames.sum(1), (frames ** 2).sum(1), frames.shape[1]
       batches.append(probes.CTCBatch(
-          hidden.astype(np.float16), mask, np.asarray(batch['labels'][:n])[keep],
-          np.asarray(batch['label_mask'][:n], bool)[keep],
-          [t for t, k in zip(refs[:n], keep) if k]))
+          scale(hidden, axis=0).astype(np.float16) if scale is not None else hidden, mask,
+          np.asarray(batch['labels'][:n]), np.asarray(batch['label_mask'][:n], bool),
+          list(refs[:n])))
     else:
       w = mask.astype(np.float32)
       pooled = np.einsum('lbtd,bt->bld', hidden, w) / np.maximum(w.sum(-1), 1.0)[:, None, None]
@@ -160,17 +157,19 @@ def extract(config: ml_collections.ConfigDict, run, data, tokenizer, split: str)
     sums = s if sums is None else sums + s
     squares = q if squares is None else squares + q
     count += c
+  if not count:
+    raise ConfigError(f'probe: split {split!r} of {config.data.name} has no usable utterance'
+                      + (' whose transcript fits its frames' if ctc and train else '')
+                      + '; pass a task whose train, validation and test splits hold some')
   stats = (sums, squares, count)
   if ctc:
     return batches, stats
   return (np.concatenate(vectors), np.concatenate(labels)), stats
 
 
-def probe_task(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
-  """Trains and scores every layer's probe of the base of `config` (a `task_config`) on its
-  task; returns {'layers': [...], 'metric', 'base_fingerprint'}."""
-  data, tokenizer = datasets.open_for_config(config, workdir, mesh)
-  model = trainer_lib.load_model(config, mesh)
+def probe_task(config: ml_collections.ConfigDict, model, data, tokenizer, mesh) -> dict:
+  """Trains and scores every layer's probe of `model` (loaded from the base of `config`, a
+  `task_config`) on its task; returns {'layers': [...], 'metric', 'final_loss'}."""
   run = _layers_fn(model, make_featurizer(config), mesh)  # one program for the three splits
   p = config.probe
   rates = _rates(p)
@@ -178,24 +177,24 @@ def probe_task(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
   splits = (config.data.train_split, config.data.validation_split, 'test')
   train, stats = extract(config, run, data, tokenizer, splits[0])
   scale = probes.Standardizer.fit(*stats)
-  validation, _ = extract(config, run, data, tokenizer, splits[1])
-  test, _ = extract(config, run, data, tokenizer, splits[2])
   if config.head.kind == 'ctc':
-    for batches in (train, validation, test):
-      for b in batches:
-        b.frames = scale(b.frames.astype(np.float32), axis=0)
+    for b in train:
+      b.frames = scale(b.frames, axis=0).astype(np.float16)
+    validation, _ = extract(config, run, data, tokenizer, splits[1], scale)
+    test, _ = extract(config, run, data, tokenizer, splits[2], scale)
     probe = probes.CTCProbe(layers, config.model.dim, tokenizer.vocab_size, rates)
     curve = probe.fit(train, int(p.num_steps), seed=int(config.seed))
     scores = probe.scores(validation, test, tokenizer)
     metric = 'cer'
   else:
+    validation, _ = extract(config, run, data, tokenizer, splits[1])
+    test, _ = extract(config, run, data, tokenizer, splits[2])
     normed = [(scale(x, axis=1), y) for x, y in (train, validation, test)]
     probe = probes.ClassificationProbe(layers, config.model.dim, data.num_classes, rates)
     curve = probe.fit(*normed[0], int(p.num_steps))
     scores = probe.scores(normed[1], normed[2])
     metric = 'accuracy'
-  return {'metric': metric, 'layers': scores, 'final_loss': curve[-1] if curve else None,
-          'base_fingerprint': checkpoint.base_fingerprint(config.model, model)['id']}
+  return {'metric': metric, 'layers': scores, 'final_loss': curve[-1] if curve else None}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -205,13 +204,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   bases = parse_bases(config.probe.bases)
   c = ml_collections.ConfigDict(config.to_dict())
   c.study.tasks = config.probe.tasks
-  tasks = cells_lib.parse_tasks(c)
+  try:
+    tasks = cells_lib.parse_tasks(c)
+  except ConfigError as e:
+    raise ConfigError(f'probe.tasks={config.probe.tasks!r}: {e}') from e
   rates = _rates(config.probe)
-  if int(config.probe.num_steps) < 1:
-    raise ConfigError(f'probe.num_steps={config.probe.num_steps}: a positive integer')
-  # Probes compile small programs; one device holds the frozen base (it is run, not trained).
+  if not str(config.probe.num_steps).isdigit() or int(config.probe.num_steps) < 1:
+    raise ConfigError(f'probe.num_steps={config.probe.num_steps!r}: a positive integer')
+  # Bases are pre-trained or written on the config's mesh, as a study's are; probes compile
+  # small programs, and one device holds the frozen base (it is run, not trained).
+  base_mesh = sharding.make_mesh(**config.mesh)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  paths = {name: resolve_base(c, name, path, workdir, mesh) for name, path in bases}
+  paths = {name: resolve_base(c, name, path, workdir, base_mesh) for name, path in bases}
   results = {'bases': paths, 'learning_rates': rates, 'num_steps': int(config.probe.num_steps),
              'tasks': {}}
   for task in tasks:
@@ -219,9 +223,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for name, path in paths.items():
       tc = task_config(c, task, path, workdir)
       tc.probe = ml_collections.ConfigDict(config.probe.to_dict())
-      key = {'base': _base_id(path),
-             'task': task.name, 'head': task.head, 'num_steps': int(config.probe.num_steps),
-             'learning_rates': rates, 'seed': int(config.seed), 'model': tc.model.to_dict()}
+      data, tokenizer = datasets.open_for_config(tc, workdir, mesh)
+      model = trainer_lib.load_model(tc, mesh)
+      fingerprint = checkpoint.base_fingerprint(tc.model, model)['id']
+      key = cache_key(tc, task, fingerprint, rates, tokenizer,
+                      datasets.dataset_description(data))
       cache = os.path.join(workdir, 'probes', task.short, f'{name}.json')
       cached = _read(cache)
       if cached is not None and cached.get('key') == key:
@@ -230,7 +236,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       else:
         logging.info('probing %s on %s (%s), %d layers x %d rates', name, task.short, path,
                      tc.model.num_blocks + 1, len(rates))
-        out = probe_task(tc, workdir, mesh)
+        out = probe_task(tc, model, data, tokenizer, mesh)
+        out['base_fingerprint'] = fingerprint
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         write_json(cache, {'key': key, 'result': out})
       results['tasks'][task.short][name] = out
@@ -245,15 +252,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _rates(probe: ml_collections.ConfigDict) -> list[float]:
   """probe.learning_rates parsed as the study parses its grid."""
-  return cells_lib.learning_rates(ml_collections.ConfigDict(
-      {'study': {'learning_rates': probe.learning_rates}}))
+  try:
+    return cells_lib.learning_rates(ml_collections.ConfigDict(
+        {'study': {'learning_rates': probe.learning_rates}}))
+  except ConfigError as e:
+    raise ConfigError(f'probe.learning_rates={probe.learning_rates!r}: a comma-separated list '
+                      'of positive numbers') from e
 
 
-def _base_id(path: str) -> str:
-  """What names a base's weights for the cache: its metadata's fingerprint, else its path."""
-  meta = checkpoint.read_metadata(path) or {}
-  return json.dumps(meta.get('base_fingerprint') or meta.get('fingerprint') or
-                    os.path.abspath(path), sort_keys=True, default=str)
+# Data fields that change where the data is read from or how fast, not what it holds.
+_NOT_DATA = ('data_dir', 'num_threads')
+
+
+def cache_key(config: ml_collections.ConfigDict, task: cells_lib.Task, fingerprint: str,
+              rates: list[float], tokenizer, dataset: str) -> dict:
+  """What a probe's result depends on: the base's weights (its fingerprint), the model, the
+  task's data (`dataset`: its content, `datasets.dataset_description`), features and
+  tokenizer, and the probe's budget, rates and seed."""
+  key = {'base': fingerprint, 'task': task.name, 'head': task.head, 'dataset': dataset,
+          'num_steps': int(config.probe.num_steps), 'learning_rates': rates,
+          'seed': int(config.seed), 'model': config.model.to_dict(),
+          'features': config.features.to_dict(),
+          'data': {k: v for k, v in config.data.to_dict().items() if k not in _NOT_DATA},
+          'tokenizer': (hashlib.sha256(tokenizer.serialize()).hexdigest()
+                        if tokenizer is not None else None)}
+  # As the cache file holds it (tuples become lists), so that a read key compares equal.
+  return json.loads(json.dumps(key, sort_keys=True, default=str))
 
 
 def _read(path: str) -> dict | None:
@@ -273,7 +297,8 @@ def table(results: dict) -> str:
            f'A linear probe per layer of each frozen base ({results["num_steps"]} Adam steps, '
            f'rates {", ".join(f"{r:g}" for r in results["learning_rates"])}, the rate chosen '
            'per layer on validation; test scores). Layer 0 is the frontend, layer k the output '
-           'of block k.', '']
+           'of block k. In bold and under "best": the layer with the best validation score.',
+           '']
   for task, by_base in results['tasks'].items():
     first = next(iter(by_base.values()))
     n = len(first['layers'])
@@ -282,7 +307,9 @@ def table(results: dict) -> str:
               '|---|' + '---|' * (n + 1)]
     for name, out in by_base.items():
       scores = [100 * r['test'] for r in out['layers']]
-      best = (max if out['metric'] == 'accuracy' else min)(range(n), key=lambda k: scores[k])
+      # The best layer by validation (test is scored, never chosen on).
+      best = (max if out['metric'] == 'accuracy' else min)(
+          range(n), key=lambda k: out['layers'][k]['validation'])
       cells = [f'**{s:.1f}**' if k == best else f'{s:.1f}' for k, s in enumerate(scores)]
       lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {best} |')
     if first['metric'] == 'cer':
