@@ -60,7 +60,7 @@ def check(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'study base {name!r}: K must be 1 .. {config.model.num_blocks - 1} '
                         f'(model.num_blocks={config.model.num_blocks})')
     if name.startswith('best_rq') and ('ssl' not in config or 'ssl_pretrain' not in config):
-      raise ConfigError("study base 'best_rq' needs the ssl and ssl_pretrain sections of "
+      raise ConfigError(f'study base {name!r} needs the ssl and ssl_pretrain sections of '
                         'BEST-RQ pre-training: use configs/study.py:ssl or :best_rq')
 
 
