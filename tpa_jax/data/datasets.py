@@ -200,6 +200,11 @@ class SpeechData:
     return max(min(self.frames(bucket.max_samples),
                    math.ceil(seconds * self.max_tokens_per_second)), 1)
 
+  def training_index(self, split: str, tokenizer) -> pipeline.SplitIndex:
+    """The examples of `split` a training run reads: for CTC, those whose labels fit their
+    frames and bucket (`index` with the tokenizer); else every usable one."""
+    return self.index(split, tokenizer if self.task == 'ctc' else None)
+
   def index(self, split: str, tokenizer=None) -> pipeline.SplitIndex:
     """Which examples of `split` are usable (cached per dataset, split, limits and tokenizer)."""
     encode = (lambda text: tokenizer.encode(text)) if tokenizer is not None else None
@@ -261,7 +266,7 @@ class SpeechData:
   def train_loader(self, tokenizer, *, split: str = 'train', seed: int,
                    num_batches: int) -> pipeline.BatchLoader:
     """Shuffled, bucketed training batches: this process's rows of each global batch."""
-    index = self.index(split, tokenizer if self.task == 'ctc' else None)
+    index = self.training_index(split, tokenizer)
     return pipeline.BatchLoader(
         self.source(split), index, self.buckets, functools.partial(self.collate, tokenizer),
         seed=seed, num_batches=num_batches, process_index=jax.process_index(),
@@ -273,7 +278,7 @@ class SpeechData:
     every model is scored on the same utterances, whatever its tokenizer. With `as_trained`,
     only the examples a training run reads (`index` with the tokenizer, for CTC: every label
     fits its frames and its bucket, so none is cut)."""
-    index = self.index(split, tokenizer if as_trained and self.task == 'ctc' else None)
+    index = self.training_index(split, tokenizer) if as_trained else self.index(split)
     return pipeline.eval_batches(self.source(split), index, self.buckets,
                                  functools.partial(self.collate, tokenizer),
                                  batch_size=self.eval_batch_size, text_fn=self.text)

@@ -21,6 +21,7 @@ from tpa_jax.errors import ConfigError
 from tpa_jax.nn import build
 from tpa_jax.programs import demo
 from tpa_jax.ssl import pretrain
+from tpa_jax.train import trainer as trainer_lib
 
 
 def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -33,7 +34,8 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
       os.path.join(workdir, 'data'))
 
 
-BASES = ('supervised', 'best_rq', 'random', 'best_rq_keepK')
+_NAMED = ('supervised', 'best_rq', 'random')
+BASES = (*_NAMED, 'best_rq_keepK')
 # best_rq_keepK: the BEST-RQ base's frontend and lowest K blocks, under the random base's
 # blocks above them (the layer probes find what adapters need in BEST-RQ's lower blocks only).
 _KEEP = re.compile(r'best_rq_keep(\d+)')
@@ -46,7 +48,7 @@ def kept_blocks(name: str) -> int | None:
 
 
 def is_base(name: str) -> bool:
-  return name in BASES[:3] or kept_blocks(name) is not None
+  return name in _NAMED or kept_blocks(name) is not None
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -81,13 +83,13 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, mesh) -> tuple[str,
                                                 'best_rq')), data
   if config.study.base == 'random':
     return random_base(config, os.path.join(workdir, 'base'), mesh), data
-  if kept_blocks(config.study.base) is not None:
+  keep = kept_blocks(config.study.base)
+  if keep is not None:
     c = ml_collections.ConfigDict(config.to_dict())
     c.data.data_dir = data
     lower = pretrain.ensure_base(c, os.path.join(config.study.base_workdir or workdir, 'best_rq'))
     upper = random_base(config, os.path.join(workdir, 'random'), mesh)
-    return kept_base(config, lower, upper, kept_blocks(config.study.base),
-                     os.path.join(workdir, 'base'), mesh), data
+    return kept_base(config, lower, upper, keep, os.path.join(workdir, 'base'), mesh), data
   if 'demo' not in config:
     raise ConfigError("base.path='' and the config has no demo section to pre-train a base "
                       'with; pass --config.base.path')
@@ -142,7 +144,8 @@ def kept_base(config: ml_collections.ConfigDict, lower: str, upper: str, keep: i
     return encoder
   c = ml_collections.ConfigDict(config.to_dict())
   c.adapter.placement = 'none'
-  target = checkpoint.base_state(build.create_model(c, mesh))
+  # Shapes and shardings only: both bases are read into them, nothing is initialised.
+  target = checkpoint.base_state(trainer_lib.abstract_model(c, mesh))
   with jax.set_mesh(mesh):
     low = checkpoint.restore_state(lower, target, stored_dtype=True)
     high = checkpoint.restore_state(upper, target, stored_dtype=True)

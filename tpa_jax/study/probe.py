@@ -126,15 +126,15 @@ def _layers_fn(model, featurizer, mesh):
 def extract(config: ml_collections.ConfigDict, run, data, tokenizer, split: str,
             scale: probes.Standardizer | None = None):
   """Every layer's output over `split` (`run`: a `_layers_fn`): utterance vectors [n, L, D] and
-  labels (classification), or a list of `probes.CTCBatch` (CTC). Also the train-statistics
-  inputs: sums, squares, count. The train split holds the examples a training run reads (for
+  labels (classification), or a list of `probes.CTCBatch` (CTC). Also, for the train split,
+  the standardisation's inputs: sums, squares, count (None for the others). The train split holds the examples a training run reads (for
   CTC, labels that fit their frames, none cut); the others every usable example. CTC frames
   are kept in float32, or standardised by `scale` and stored in float16 (half the memory, and
   no overflow of large raw activations)."""
   ctc = config.head.kind == 'ctc'
   vectors, labels, batches = [], [], []
   sums = squares = None
-  count = 0.0
+  count, seen = 0.0, 0
   train = split == config.data.train_split
   for batch, refs in data.eval_batches(split, tokenizer, as_trained=train):
     n = int(batch['weight'].sum())
@@ -142,8 +142,7 @@ def extract(config: ml_collections.ConfigDict, run, data, tokenizer, split: str,
     hidden, mask = run(arrays)
     hidden, mask = np.asarray(hidden)[:, :n], np.asarray(mask)[:n].astype(bool)
     if ctc:
-      frames = hidden[:, mask].astype(np.float64)  # [L, frames, D]
-      s, q, c = frames.sum(1), (frames ** 2).sum(1), frames.shape[1]
+      rows = hidden[:, mask]  # [L, frames, D]
       batches.append(probes.CTCBatch(
           scale(hidden, axis=0).astype(np.float16) if scale is not None else hidden, mask,
           np.asarray(batch['labels'][:n]), np.asarray(batch['label_mask'][:n], bool),
@@ -151,17 +150,20 @@ def extract(config: ml_collections.ConfigDict, run, data, tokenizer, split: str,
     else:
       w = mask.astype(np.float32)
       pooled = np.einsum('lbtd,bt->bld', hidden, w) / np.maximum(w.sum(-1), 1.0)[:, None, None]
-      s, q, c = pooled.astype(np.float64).sum(0), (pooled.astype(np.float64) ** 2).sum(0), pooled.shape[0]
+      rows = pooled.transpose(1, 0, 2)  # [L, n, D]
       vectors.append(pooled)
       labels.append(np.asarray(batch['labels'][:n]))
-    sums = s if sums is None else sums + s
-    squares = q if squares is None else squares + q
-    count += c
-  if not count:
+    if train:  # the standardisation's statistics, of the train split only
+      r = rows.astype(np.float64)
+      sums = r.sum(1) if sums is None else sums + r.sum(1)
+      squares = (r ** 2).sum(1) if squares is None else squares + (r ** 2).sum(1)
+      count += r.shape[1]
+    seen += n
+  if not seen:
     raise ConfigError(f'probe: split {split!r} of {config.data.name} has no usable utterance'
                       + (' whose transcript fits its frames' if ctc and train else '')
                       + '; pass a task whose train, validation and test splits hold some')
-  stats = (sums, squares, count)
+  stats = (sums, squares, count) if train else None
   if ctc:
     return batches, stats
   return (np.concatenate(vectors), np.concatenate(labels)), stats
