@@ -96,6 +96,9 @@ def ensure_base(config: ml_collections.ConfigDict, workdir: str) -> str:
     logging.info('using the cached BEST-RQ base in %s', path)
     return path
   logging.info('no cached BEST-RQ base fits; pre-training one in %s (once)', workdir)
+  # The cache's folder is the caller's choice (a study's shared base_workdir, which a fresh
+  # checkout lacks): made here, unlike a run's --workdir, whose parent must exist.
+  os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)
   if jax.process_count() > 1:
     raise ConfigError('a study pre-trains its BEST-RQ base in one process; run '
                       'launch/pretrain.py on the hosts first and pass --config.base.path')
