@@ -9,8 +9,9 @@ for language ID and Spanish ASR, to see where each base keeps what adapters need
 The model, features, data and BEST-RQ stage are the study's `ssl` variant's (configs/study.py),
 so `best_rq`, `random` and `supervised` are the bases that study adapts. `supervised` and
 `best_rq` are cached where the study caches them (under `--config.study.base_workdir`, else
-the workdir), `best_rq@STEPS` beside them in best_rq-STEPS/, and `random` (written from
-`seed`, seconds) in <workdir>/bases/random.
+the workdir), `best_rq@STEPS` beside them in best_rq-STEPS/, `random` (written from
+`seed`, seconds) in <workdir>/bases/random, and `best_rq_keepK` (best_rq's frontend and lowest K
+blocks under random's blocks above them) in <workdir>/bases/best_rq_keepK.
 """
 
 import os

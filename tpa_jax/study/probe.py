@@ -90,6 +90,12 @@ def resolve_base(config: ml_collections.ConfigDict, name: str, path: str, workdi
     c.data.data_dir = base_lib.data_dir(config, workdir)
     folder = os.path.join(config.study.base_workdir or workdir, name.replace('@', '-'))
     return pretrain.ensure_base(c, folder)
+  keep = base_lib.kept_blocks(name)
+  if keep is not None:  # over the probe's own random base, beside it in bases/
+    lower = resolve_base(config, 'best_rq', '', workdir, mesh)
+    upper = resolve_base(config, 'random', '', workdir, mesh)
+    return base_lib.kept_base(config, lower, upper, keep, os.path.join(workdir, 'bases', name),
+                              mesh)
   c = ml_collections.ConfigDict(config.to_dict())
   c.study.base, c.base.path = name, ''
   return base_lib.resolve(c, workdir, mesh)[0]

@@ -294,19 +294,33 @@ def scale_table(rows: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+_BASE_DESCRIPTIONS = {
+    'supervised': "CTC on the source domain's transcripts",
+    'best_rq': 'BEST-RQ on the same audio, no transcripts',
+    'random': 'the same architecture, never trained',
+}
+
+
+def _describe_base(name: str) -> str:
+  keep = re.fullmatch(r'best_rq_keep(\d+)', name)
+  if keep:
+    return (f"best_rq's frontend and lowest {keep.group(1)} blocks under random's blocks "
+            'above them')
+  return _BASE_DESCRIPTIONS.get(name, name)
+
+
 def base_table(rows: list[dict]) -> str:
   """Markdown: per base (how it was pre-trained) and method, each task's test score (mean ± std
   over seeds; ASR: the best-path WER in brackets) at its chosen learning rate, and, per task,
   how far each base is from the random one (relative for WER, absolute points for accuracy)."""
   tasks = list(dict.fromkeys(r['task'] for r in rows))
   metric = {r['task']: r['metric'] for r in rows}
+  bases = '; '.join(f'{b} ({_describe_base(b)})' for b in dict.fromkeys(r['base'] for r in rows))
   lines = ['# Study over bases pre-trained differently', '',
            'Test scores at each run\'s best validation step (ASR: lexicon WER %, best-path WER '
            'in brackets; language ID: accuracy %), mean ± standard deviation over seeds, at '
-           'each learning rate chosen on validation [in square brackets]. Bases: supervised '
-           '(CTC on the source domain\'s transcripts), best_rq (BEST-RQ on the same audio, no '
-           'transcripts), random (the same architecture, never trained). In parentheses after '
-           'each score: its difference from the random base.', '',
+           f'each learning rate chosen on validation [in square brackets]. Bases: {bases}. In '
+           'parentheses after each score: its difference from the random base.', '',
            '| base | method | ' + ' | '.join(t.split('/')[-1] for t in tasks) + ' |',
            '|---|---|' + '---|' * len(tasks)]
   summary = {base: summarize([r for r in rows if r['base'] == base])
