@@ -10,6 +10,8 @@ import statistics
 
 import ml_collections
 
+from tpa_jax.study import base as base_lib
+
 
 def _percent(x: float) -> str:
   return f'{100 * x:.1f}'
@@ -302,10 +304,9 @@ _BASE_DESCRIPTIONS = {
 
 
 def _describe_base(name: str) -> str:
-  keep = re.fullmatch(r'best_rq_keep(\d+)', name)
-  if keep:
-    return (f"best_rq's frontend and lowest {keep.group(1)} blocks under random's blocks "
-            'above them')
+  keep = base_lib.kept_blocks(name)
+  if keep is not None:
+    return f"best_rq's frontend and lowest {keep} blocks under random's blocks above them"
   return _BASE_DESCRIPTIONS.get(name, name)
 
 
