@@ -17,6 +17,7 @@ import pytest
 
 from tpa_jax import checkpoint
 from tpa_jax.config.files import load_config_file
+from tpa_jax.config.ssl import pretrain_config
 from tpa_jax.errors import ConfigError
 from tpa_jax.train import trainer as trainer_lib
 
@@ -199,6 +200,19 @@ def test_two_processes_pretrain_as_one_does(uninterrupted, data_dir, tmp_path):
     assert x['step'] == y['step'] and x['masked_frames'] == y['masked_frames'], (x, y)
     np.testing.assert_allclose(y['loss'], x['loss'], rtol=1e-4)
   assert (run / 'base' / 'encoder').exists()
+
+
+def test_the_pretraining_data_may_be_a_mixture_of_datasets():
+  # Each part is checked when the mixture is opened (tests/test_speech_data.py); the run config
+  # reads it as it is, where a single name goes through the presets.
+  config = load_config_file('configs/study.py:ssl')
+  mixture = 'synthetic_speech/source+manifest:runs/my_audio'
+  config.ssl_pretrain.dataset = mixture
+  c = pretrain_config(config)
+  assert c.data.name == mixture and c.data.train_split == 'train' and c.head.kind == 'best_rq'
+  config.ssl_pretrain.dataset = 'synthetic_speech/nope'
+  with pytest.raises(ValueError, match='accepted synthetic_speech domains'):
+    pretrain_config(config)
 
 
 @pytest.mark.parametrize('override, message', [

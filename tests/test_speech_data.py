@@ -1,6 +1,7 @@
 """The speech data path: transcripts, eSpeak NG synthesis, the TFDS corpus, tokenizers, the grain
-pipeline (buckets, determinism, saved position, process shards, skipped input) and LibriSpeech
-through TFDS's own builder under `tfds.testing.mock_data`."""
+pipeline (buckets, determinism, saved position, process shards, skipped input), mixtures of
+datasets for pre-training, and LibriSpeech through TFDS's own builder under
+`tfds.testing.mock_data`."""
 
 import dataclasses
 import json
@@ -105,7 +106,12 @@ def test_domains_are_data_and_bad_domains_are_named(tmp_path):
 UNIT_DOMAIN = {'unit': dict(
     description='two languages, three voices', languages=['en', 'es'],
     voices={'en': ['en-us+m3', 'en+f2'], 'es': ['es+m1']}, rate_wpm=[140, 185], pitch=[30, 70],
-    snr_db=None, sizes={'train': 10, 'validation': 2, 'test': 4}, min_words=3, max_words=5)}
+    snr_db=None, sizes={'train': 10, 'validation': 2, 'test': 4}, min_words=3, max_words=5),
+    # A second domain of the same file: a mixture's other part.
+    'unit_es': dict(
+        description='Spanish, one voice', languages=['es'], voices={'es': ['es+f2']},
+        rate_wpm=[140, 185], pitch=[30, 70], snr_db=None,
+        sizes={'train': 6, 'validation': 2, 'test': 2}, min_words=3, max_words=5)}
 
 
 @pytest.fixture(scope='module')
@@ -251,6 +257,46 @@ def test_bad_examples_are_skipped_and_counted():
   assert index.keep.tolist() == [True] + [False] * 6
   assert index.skipped == {'empty_audio': 1, 'non_finite_audio': 1, 'silent_audio': 1,
                            'too_long': 1, 'empty_transcript': 1, 'too_many_tokens': 1}
+
+
+def test_a_mixture_reads_the_audio_of_each_dataset_in_turn_for_pretraining_only(corpus):
+  names = ('synthetic_speech/unit', 'synthetic_speech/unit_es')
+  c = config_lib.base_config()
+  c.data.update(dict(name='+'.join(names), domains_file=corpus.domains_file,
+                     bucket_seconds=(2.0, 4.0), batch_seconds=8.0, eval_batch_size=4))
+  open_mixture = lambda task: datasets.SpeechData.open(
+      c.data, workdir=corpus.root, task=task, frames=lambda n: max((n - 400) // 160 + 1, 0) // 2)
+  data = open_mixture('best_rq')
+  data.prepare()  # prepares the second part; the first is already there
+  parts = [datasets.open_builder(n, os.path.join(corpus.root, 'data'), corpus.domains_file)
+           .as_data_source(split='train') for n in names]
+  mixed = data.source('train')
+  assert [len(p) for p in parts] == [10, 6] and len(mixed) == 16
+  want = [ex['audio'] for p in parts for ex in p]
+  for i, audio in enumerate(want):
+    assert set(mixed[i]) == {'audio'}
+    np.testing.assert_array_equal(mixed[i]['audio'], audio)
+  with pytest.raises(IndexError):
+    mixed[16]
+  # Training batches draw on both parts, audio only.
+  loader = data.train_loader(None, seed=0, num_batches=6)
+  rows = np.concatenate([loader.global_indices(s) for s in range(6)])
+  assert (rows < 10).any() and (rows >= 10).any()
+  assert set(next(iter(loader))) == {'audio', 'audio_lengths'}
+  # The description (what a pre-trained base's cache key holds) names every part's content.
+  described = datasets.dataset_description(data)
+  assert all(repr(b.builder_config) in described for b in data.builder.parts)
+  assert described != datasets.builder_description(data.builder.parts[0])
+  with pytest.raises(ValueError, match=r"mixture of datasets.*head.kind='ctc' needs one"):
+    open_mixture('ctc')
+  with pytest.raises(ValueError, match="has splits.*'dev' is not one of them"):
+    data.source('dev')
+  with pytest.raises(ValueError, match='distinct dataset names'):
+    datasets.open_builder('synthetic_speech/unit+synthetic_speech/unit', corpus.root,
+                          corpus.domains_file)
+  with pytest.raises(ValueError, match="synthetic corpus has domains"):
+    datasets.open_builder('synthetic_speech/unit+synthetic_speech/nope', corpus.root,
+                          corpus.domains_file)
 
 
 def test_eval_batches_cover_every_usable_example_once(corpus):

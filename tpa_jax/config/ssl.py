@@ -33,7 +33,8 @@ def ssl_fields() -> ml_collections.ConfigDict:
 def schedule_fields() -> ml_collections.ConfigDict:
   """`ssl_pretrain`: the data, steps and optimizer of a BEST-RQ pre-training stage."""
   p = ml_collections.ConfigDict()
-  # Audio of this dataset (transcripts ignored): a TFDS speech dataset as data.name takes it.
+  # Audio of this dataset (transcripts ignored): a TFDS speech dataset as data.name takes it,
+  # or several joined by '+' (a mixture: the audio of each one's train split).
   p.dataset = 'synthetic_speech/source'
   p.num_steps = 2000
   p.learning_rate = 2e-3
@@ -82,8 +83,10 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   for section in ('demo', 'study', 'ssl_pretrain'):
     if section in c:
       del c[section]
-  if c.data.domains_file and p.dataset.startswith('synthetic_speech/'):
-    c.data.name = p.dataset  # a domain of the config's own domains file
+  if '+' in p.dataset or (c.data.domains_file and p.dataset.startswith('synthetic_speech/')):
+    # A mixture (each of its datasets is checked when it is opened) or a domain of the
+    # config's own domains file.
+    c.data.name = p.dataset
   else:
     presets.apply_data(c, p.dataset)  # named errors for unknown datasets
   presets.apply_method(c, 'full')

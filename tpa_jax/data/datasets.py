@@ -29,7 +29,10 @@ from tpa_jax.audio.featurizer import output_frames
 from tpa_jax.data import manifest, pipeline, speech_corpus
 from tpa_jax.data import tokenizer as tokenizer_lib
 
-FAMILIES = ('synthetic_speech', 'librispeech', 'manifest')
+FAMILIES = ('synthetic_speech', 'librispeech', 'manifest', 'mixture')
+# Joins the datasets of a mixture in data.name ('synthetic_speech/source+manifest:DIR'): their
+# audio read as one dataset, what self-supervised pre-training reads.
+MIXTURE_SEPARATOR = '+'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +49,80 @@ SPECS = {
     'synthetic_speech': DatasetSpec('audio', 'transcript', 'language', lowercase=False),
     'librispeech': DatasetSpec('speech', 'text', None, lowercase=True),
     'manifest': DatasetSpec('audio', 'transcript', 'label', lowercase=False),
+    # A mixture's examples hold the audio of their dataset only (`ConcatSource`).
+    'mixture': DatasetSpec('audio', 'transcript', None, lowercase=False),
 }
 # data.text_normalization: applied alike to training text, references and decoder word counts.
 TEXT_NORMALIZATIONS = ('none', 'lower', 'lower_no_punctuation')
 
 
 def family(name: str) -> str:
-  """'synthetic_speech', 'librispeech' or 'manifest' (of 'manifest:DIR')."""
+  """'synthetic_speech', 'librispeech', 'manifest' (of 'manifest:DIR') or 'mixture' (of
+  datasets joined by '+')."""
+  if MIXTURE_SEPARATOR in name:
+    return 'mixture'
   return 'manifest' if name.startswith('manifest:') else name.partition('/')[0]
+
+
+class ConcatSource:
+  """The examples of several TFDS data sources, one after the other, as one random-access
+  source; each example holds its audio only, under 'audio' (the parts' audio features differ
+  in name: LibriSpeech calls it 'speech')."""
+
+  def __init__(self, sources, audio_keys: tuple[str, ...]):
+    self.sources, self.audio_keys = tuple(sources), tuple(audio_keys)
+    self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def __getitem__(self, i) -> dict:
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f'example {i} of a mixture of {len(self)}')
+    part = int(np.searchsorted(self.offsets, i, side='right')) - 1
+    return {'audio': self.sources[part][i - int(self.offsets[part])][self.audio_keys[part]]}
+
+
+@dataclasses.dataclass(frozen=True)
+class _MixtureInfo:
+  """The fields of a TFDS DatasetInfo that `SpeechData` reads, for a mixture."""
+  full_name: str
+  splits: dict
+  features: dict
+
+
+class MixedBuilder:
+  """Several TFDS speech datasets as one builder (what `SpeechData` reads of one): each split is
+  the concatenation of the parts' splits of that name, in the order given. Only their audio is
+  read, so a mixture serves self-supervised pre-training (head.kind='best_rq') and nothing
+  that reads transcripts or labels."""
+
+  def __init__(self, names: list[str], builders: list[tfds.core.DatasetBuilder]):
+    self.names, self.parts = tuple(names), tuple(builders)
+    self.audio_keys = tuple(SPECS[family(n)].audio_key for n in names)
+    rates = {SPECS[family(n)].sample_rate_hz for n in names}
+    if len(rates) > 1:
+      raise ValueError(f'data.name={MIXTURE_SEPARATOR.join(names)!r} mixes sample rates '
+                       f'{sorted(rates)}; the datasets of a mixture share one')
+    self.builder_config = tuple(b.builder_config for b in builders)
+
+  @property
+  def info(self):
+    infos = [b.info for b in self.parts]
+    splits = set(infos[0].splits or {})
+    for i in infos[1:]:
+      splits &= set(i.splits or {})
+    return _MixtureInfo(full_name=MIXTURE_SEPARATOR.join(i.full_name for i in infos),
+                        splits={s: None for s in sorted(splits)}, features={'audio': None})
+
+  def download_and_prepare(self, **kwargs) -> None:
+    for b in self.parts:
+      b.download_and_prepare(**kwargs)
+
+  def as_data_source(self, split: str) -> ConcatSource:
+    return ConcatSource([b.as_data_source(split=split) for b in self.parts], self.audio_keys)
+
 
 
 def normalize_text(text: str, how: str) -> str:
@@ -75,7 +144,15 @@ def open_builder(name: str, data_dir: str, domains_file: str = '', *,
                  max_seconds: float = 16.0) -> tfds.core.DatasetBuilder:
   """The TFDS builder `name` ('synthetic_speech/<domain>', 'librispeech[/config]' or
   'manifest:DIR'), writing array_record files under `data_dir`. `max_seconds`: the longest
-  bucket (a manifest's longer lines are rejected when it is prepared)."""
+  bucket (a manifest's longer lines are rejected when it is prepared). Names joined by '+' are
+  a mixture (`MixedBuilder`) of those datasets."""
+  if MIXTURE_SEPARATOR in name:
+    names = name.split(MIXTURE_SEPARATOR)
+    if '' in names or len(set(names)) < len(names):
+      raise ValueError(f'data.name={name!r}: a mixture joins distinct dataset names with '
+                       f"{MIXTURE_SEPARATOR!r} (none empty)")
+    return MixedBuilder(names, [open_builder(n, data_dir, domains_file, max_seconds=max_seconds)
+                                for n in names])
   if name.startswith('manifest:'):
     return manifest.open_builder(name, data_dir, max_seconds)
   family, _, config_name = name.partition('/')
@@ -125,6 +202,10 @@ class SpeechData:
     if spec.audio_key not in features:
       raise ValueError(f'data.name={d.name!r} has no audio feature {spec.audio_key!r} (its '
                        f'features: {sorted(features)}); training reads audio')
+    if family(d.name) == 'mixture' and task != 'best_rq':
+      raise ValueError(f'data.name={d.name!r} is a mixture of datasets, which holds their audio '
+                       f"only: head.kind={task!r} needs one dataset (a mixture serves "
+                       "head.kind='best_rq', self-supervised pre-training)")
     if task == 'classification' and spec.label_key is None:
       raise ValueError(f'data.name={d.name!r} has no utterance labels; head.kind must be ctc')
     if getattr(builder, 'task', task) != task and task != 'best_rq':
