@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from conftest import ctc_batch, host_arrays, tiny_config
+from tpa_jax import checkpoint
 from tpa_jax.config.files import load_config_file
 from tpa_jax.data.tokenizer import CharTokenizer
 from tpa_jax.errors import ConfigError
@@ -183,7 +184,6 @@ def test_the_cache_key_follows_the_weights_data_and_tokenizer():
 
 
 def test_a_kept_base_is_the_lower_bases_bottom_under_the_upper_bases_top(tmp_path, mesh1):
-  from tpa_jax import checkpoint
   from tpa_jax.study import base as base_lib
   config = tiny_config('head')
   lower = base_lib.random_base(config, str(tmp_path / 'lower'), mesh1)
@@ -237,12 +237,19 @@ def test_probe_program_writes_every_base_and_layer_and_reuses_its_probes(tmp_pat
   assert '| random |' in table and '| best_rq |' in table
   assert os.path.getsize(os.path.join(workdir, 'probe.png')) > 1000
   # The random base again under another name: probed anew (nothing cached for the name), with
-  # the same scores; the two bases probed before are read from their caches.
+  # the same scores; the two bases probed before are read from their caches. best_rq_keep1 is
+  # written beside the probe's own bases, from the BEST-RQ base and the probe's random one.
   random_path = results['bases']['random']
-  second = _probe(workdir, f'--bases=random,best_rq,again={random_path}')
+  second = _probe(workdir, f'--bases=random,best_rq,again={random_path},best_rq_keep1')
   assert second.returncode == 0, second.stderr[-3000:]
   log = second.stderr
   assert log.count(': cached in ') == 4, log[-3000:]
   again = json.load(open(os.path.join(workdir, 'probe.json')))
   for task in again['tasks'].values():
     assert task['again']['layers'] == task['random']['layers']
+    assert [r['layer'] for r in task['best_rq_keep1']['layers']] == [0, 1, 2]
+  kept = again['bases']['best_rq_keep1']
+  assert kept == os.path.join(workdir, 'bases', 'best_rq_keep1', 'encoder'), kept
+  fingerprint = lambda p: checkpoint.read_metadata(p)['fingerprint']
+  assert fingerprint(kept) == {'lower': fingerprint(results['bases']['best_rq']),
+                               'upper': fingerprint(random_path), 'keep_blocks': 1}
