@@ -202,6 +202,25 @@ def test_two_processes_pretrain_as_one_does(uninterrupted, data_dir, tmp_path):
   assert (run / 'base' / 'encoder').exists()
 
 
+def test_a_cache_folder_holding_another_pretraining_is_refused_not_resumed(uninterrupted,
+                                                                            data_dir):
+  # A study's shared cache folder (study.base_workdir) after a change of the ssl sections: the
+  # checkpoints there are another base's, and resuming them would train neither.
+  from tpa_jax.ssl import pretrain as pretrain_lib
+  config = load_config_file('configs/study.py:ssl_tiny')
+  config.data.data_dir = data_dir
+  folder = str(uninterrupted)
+  assert pretrain_lib.ensure_base(config, folder) == str(uninterrupted / 'base' / 'encoder')
+  steps = sorted(os.listdir(uninterrupted / 'checkpoints'))
+  config.ssl_pretrain.num_steps = 2 * NUM_STEPS
+  config.ssl.mask_prob = 0.3
+  with pytest.raises(ConfigError, match=(
+      r'another BEST-RQ pre-training \(ssl.mask_prob: 0.2 there, 0.3 here; train.num_steps: '
+      r'12 there, 24 here\).*study.base_workdir')):
+    pretrain_lib.ensure_base(config, folder)
+  assert sorted(os.listdir(uninterrupted / 'checkpoints')) == steps
+
+
 def test_the_pretraining_data_may_be_a_mixture_of_datasets():
   # Each part is checked when the mixture is opened (tests/test_speech_data.py); the run config
   # reads it as it is, where a single name goes through the presets.

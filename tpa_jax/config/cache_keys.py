@@ -21,12 +21,9 @@ _NOT_THE_BASE = ('train.log_every_steps', 'train.eval_every_steps', 'train.valid
                  'data.text_normalization', 'tokenizer.file')
 
 
-def base_cache_key(config: ml_collections.ConfigDict, tokenizer, *,
-                   dataset_description=None) -> str:
-  """The cache key of a pre-trained base: what determines its weights (the model, features,
-  data order, steps and optimizer of its stage, its tokenizer (None for self-supervised
-  pre-training; else anything with `serialize()` to bytes) and its training domain
-  (`dataset_description`: `data.datasets.dataset_description`)), and nothing else, so adapting differently or decoding differently reuses the cached base."""
+def base_fields(config: ml_collections.ConfigDict) -> dict:
+  """The config fields that determine the weights of the base `config` pre-trains (without
+  its tokenizer's bytes and its dataset's content, which `base_cache_key` adds)."""
   c = {k: v for k, v in config.to_dict().items() if k in _THE_BASE}
   for path in _NOT_THE_BASE:
     *parents, leaf = path.split('.')
@@ -38,6 +35,17 @@ def base_cache_key(config: ml_collections.ConfigDict, tokenizer, *,
     c.pop('ssl', None)  # (a study's config holds it for its BEST-RQ base only)
   if c['train']['trainable'] == 'full' and c['adapter']['placement'] == 'none':
     c.pop('adapter')  # no adapter exists to be shaped by these fields
+  return c
+
+
+def base_cache_key(config: ml_collections.ConfigDict, tokenizer, *,
+                   dataset_description=None) -> str:
+  """The cache key of a pre-trained base: what determines its weights (`base_fields`: the
+  model, features, data order, steps and optimizer of its stage; its tokenizer (None for
+  self-supervised pre-training; else anything with `serialize()` to bytes) and its training
+  domain (`dataset_description`: `data.datasets.dataset_description`)), and nothing else, so
+  adapting differently or decoding differently reuses the cached base."""
+  c = base_fields(config)
   c['dataset'] = dataset_description
   if tokenizer is None:  # self-supervised pre-training reads no transcripts
     c.pop('tokenizer', None)

@@ -87,6 +87,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       trainer, config, workdir, key, config.data.name))
 
 
+def _leaves(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_leaves(v, f'{prefix}{k}.'))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def refuse_another_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a cache folder holding checkpoints of another config's pre-training (a study's
+  shared base_workdir, after a change of `ssl` or `ssl_pretrain`): resuming them would train
+  neither base. The error names the fields that determine the weights and differ."""
+  folder = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(folder):
+    return
+  reader = checkpoint.RunCheckpointer(folder, read_only=True)
+  try:
+    if not reader.committed_steps():
+      return
+    saved = ml_collections.ConfigDict(reader.newest_run_info()['config'])
+  finally:
+    reader.close()
+  fields = lambda c: _leaves(json.loads(json.dumps(cache_keys.base_fields(c), default=str)))
+  there, here = fields(saved), fields(config)
+  differ = sorted(k for k in there.keys() | here.keys() if there.get(k) != here.get(k))
+  if differ:
+    shown = '; '.join(f'{k}: {there.get(k)!r} there, {here.get(k)!r} here' for k in differ)
+    raise ConfigError(f'{workdir} holds the checkpoints of another BEST-RQ pre-training '
+                      f'({shown}), which this one would resume: choose another folder (a '
+                      'study: --config.study.base_workdir) or remove that one')
+
+
 def ensure_base(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The encoder path of the BEST-RQ base that `pretrain_config(config)` describes: cached in
   `workdir`, else pre-trained there now (once; an interrupted pre-training resumes)."""
@@ -95,6 +129,7 @@ def ensure_base(config: ml_collections.ConfigDict, workdir: str) -> str:
   if path is not None:
     logging.info('using the cached BEST-RQ base in %s', path)
     return path
+  refuse_another_run(c, workdir)
   logging.info('no cached BEST-RQ base fits; pre-training one in %s (once)', workdir)
   # The cache's folder is the caller's choice (a study's shared base_workdir, which a fresh
   # checkout lacks): made here, unlike a run's --workdir, whose parent must exist.
